@@ -1,0 +1,248 @@
+"""Model configuration: frozen dataclasses, read from / written to Hugging Face `config.json`.
+
+The model code takes these dataclasses (hashable, so they can be static under jit); the ml_collections files in
+`configs/` build them through `ModelConfig.from_dict`. Architecture fields mirror HF names where they exist;
+runtime switches (dtypes, scanning, kernel choice) live in `ModelConfig` too but never go to `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  depth: int = 27
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_heads: int = 16
+  in_channels: int = 3
+  patch_size: int = 16
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  out_hidden_size: int = 2048
+  num_position_embeddings: int = 2304
+  deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+  rope_theta: float = 10000.0
+  layer_norm_eps: float = 1e-6  # hard-coded in HF, not read from config.json
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 151936
+  hidden_size: int = 2048
+  intermediate_size: int = 6144
+  num_hidden_layers: int = 28
+  num_attention_heads: int = 16
+  num_key_value_heads: int = 8
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 5_000_000.0
+  mrope_section: tuple[int, int, int] = (24, 20, 20)
+  max_position_embeddings: int = 262144
+  # Mixture of experts (num_experts == 0: dense model).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  norm_topk_prob: bool = True
+  router_aux_loss_coef: float = 0.001
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.is_moe and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  tie_word_embeddings: bool = False
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  # Runtime switches: not part of the checkpoint.
+  dtype: str = "float32"  # compute dtype of activations
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  attention_impl: str | None = None  # None: kernels.attention picks (see kernels/attention.py)
+  moe_impl: str = "ragged"  # "ragged" (jax.lax.ragged_dot, dropless) or "dense" (reference, all experts)
+
+  @property
+  def model_type(self) -> str:
+    return "qwen3_vl_moe" if self.text.is_moe else "qwen3_vl"
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def validate(self) -> "ModelConfig":
+    t, v = self.text, self.vision
+    _check(t.num_attention_heads % t.num_key_value_heads == 0, "text.num_key_value_heads",
+           f"{t.num_key_value_heads} must divide num_attention_heads={t.num_attention_heads}")
+    _check(t.head_dim % 2 == 0 and sum(t.mrope_section) == t.head_dim // 2, "text.mrope_section",
+           f"{t.mrope_section} must sum to head_dim/2={t.head_dim // 2}")
+    _check(v.hidden_size % v.num_heads == 0, "vision.num_heads",
+           f"{v.num_heads} must divide vision.hidden_size={v.hidden_size}")
+    _check(v.head_dim % 4 == 0, "vision.hidden_size", f"vision head_dim {v.head_dim} must be a multiple of 4")
+    _check(all(0 <= i < v.depth for i in v.deepstack_visual_indexes), "vision.deepstack_visual_indexes",
+           f"{v.deepstack_visual_indexes} must lie in [0, depth={v.depth})")
+    _check(list(v.deepstack_visual_indexes) == sorted(set(v.deepstack_visual_indexes)),
+           "vision.deepstack_visual_indexes", f"{v.deepstack_visual_indexes} must be strictly increasing")
+    _check(len(v.deepstack_visual_indexes) <= t.num_hidden_layers, "vision.deepstack_visual_indexes",
+           "more DeepStack levels than decoder layers")
+    _check(v.out_hidden_size == t.hidden_size, "vision.out_hidden_size",
+           f"{v.out_hidden_size} must equal text.hidden_size={t.hidden_size}")
+    if t.is_moe:
+      _check(0 < t.num_experts_per_tok <= t.num_experts, "text.num_experts_per_tok",
+             f"{t.num_experts_per_tok} must be in [1, num_experts={t.num_experts}]")
+      _check(t.moe_intermediate_size > 0, "text.moe_intermediate_size", "must be > 0 for an MoE model")
+      kinds = {t.is_moe_layer(i) for i in range(t.num_hidden_layers)}
+      _check(len(kinds) == 1, "text.mlp_only_layers / decoder_sparse_step",
+             "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
+    _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
+    return self
+
+  # ---------------------------------------------------------------------------------------------- dicts
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """From a nested plain dict (e.g. an ml_collections ConfigDict's `to_dict()`), unknown keys rejected."""
+    d = dict(d)
+    vision = _build(VisionConfig, d.pop("vision", {}), "vision")
+    text = _build(TextConfig, d.pop("text", {}), "text")
+    return _build(cls, d, "model", vision=vision, text=text).validate()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # ------------------------------------------------------------------------------------ HF config.json
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], **runtime) -> "ModelConfig":
+    """From a HF Qwen3-VL / Qwen3-VL-MoE `config.json` dict, 4.57 layout (`rope_theta`/`rope_scaling` in
+    text_config) or transformers-5 layout (`rope_parameters`)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {SUPPORTED_MODEL_TYPES}")
+    tc, vc = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    rope = dict(tc.get("rope_scaling") or {})
+    rope.update(tc.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", tc.get("rope_theta", 5_000_000.0))
+    heads = tc.get("num_attention_heads", 16)
+    moe = model_type == "qwen3_vl_moe"
+    num_experts = tc.get("num_experts", tc.get("num_local_experts", 0))  # transformers 5 writes the latter
+    text = TextConfig(
+        vocab_size=tc.get("vocab_size", 151936),
+        hidden_size=tc["hidden_size"],
+        intermediate_size=tc.get("intermediate_size", 0),
+        num_hidden_layers=tc["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=tc.get("num_key_value_heads") or heads,
+        head_dim=tc.get("head_dim") or tc["hidden_size"] // heads,
+        rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
+        max_position_embeddings=tc.get("max_position_embeddings", 262144),
+        num_experts=num_experts if moe else 0,
+        num_experts_per_tok=tc.get("num_experts_per_tok", 0) if moe else 0,
+        moe_intermediate_size=tc.get("moe_intermediate_size", 0) if moe else 0,
+        decoder_sparse_step=tc.get("decoder_sparse_step", 1),
+        mlp_only_layers=tuple(tc.get("mlp_only_layers", ())),
+        norm_topk_prob=tc.get("norm_topk_prob", True),
+        router_aux_loss_coef=tc.get("router_aux_loss_coef", 0.001),
+    )
+    vrope = vc.get("rope_parameters") or {}
+    vision = VisionConfig(
+        depth=vc["depth"],
+        hidden_size=vc["hidden_size"],
+        intermediate_size=vc["intermediate_size"],
+        num_heads=vc["num_heads"],
+        in_channels=vc.get("in_channels", 3),
+        patch_size=vc.get("patch_size", 16),
+        temporal_patch_size=vc.get("temporal_patch_size", 2),
+        spatial_merge_size=vc.get("spatial_merge_size", 2),
+        out_hidden_size=vc.get("out_hidden_size", text.hidden_size),
+        num_position_embeddings=vc.get("num_position_embeddings", 2304),
+        deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes", (8, 16, 24))),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+    )
+    # The top-level flag is what HF reads for the tie; older files carry it in text_config only.
+    tie = hf.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
+    return cls(
+        vision=vision, text=text, tie_word_embeddings=bool(tie),
+        image_token_id=hf.get("image_token_id", 151655), video_token_id=hf.get("video_token_id", 151656),
+        vision_start_token_id=hf.get("vision_start_token_id", 151652),
+        vision_end_token_id=hf.get("vision_end_token_id", 151653), **runtime).validate()
+
+  def to_hf(self) -> dict[str, Any]:
+    """The released (transformers 4.57) `config.json` layout; transformers 5 reads it too."""
+    t, v = self.text, self.vision
+    text = {
+        "model_type": "qwen3_vl_moe_text" if t.is_moe else "qwen3_vl_text",
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps, "attention_bias": False, "attention_dropout": 0.0,
+        "max_position_embeddings": t.max_position_embeddings, "rope_theta": t.rope_theta,
+        "rope_scaling": {"rope_type": "default", "mrope_section": list(t.mrope_section),
+                         "mrope_interleaved": True},
+        "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": 151643, "eos_token_id": 151645,
+        "dtype": self.param_dtype,
+    }
+    if t.is_moe:
+      text.update(num_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
+                  moe_intermediate_size=t.moe_intermediate_size, decoder_sparse_step=t.decoder_sparse_step,
+                  mlp_only_layers=list(t.mlp_only_layers), norm_topk_prob=t.norm_topk_prob,
+                  router_aux_loss_coef=t.router_aux_loss_coef)
+    vision = {
+        "model_type": "qwen3_vl_moe" if t.is_moe else "qwen3_vl", "depth": v.depth,
+        "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
+        "in_channels": v.in_channels, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size, "out_hidden_size": v.out_hidden_size,
+        "num_position_embeddings": v.num_position_embeddings, "hidden_act": "gelu_pytorch_tanh",
+        "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "initializer_range": 0.02,
+    }
+    return {
+        "architectures": ["Qwen3VLMoeForConditionalGeneration" if t.is_moe else "Qwen3VLForConditionalGeneration"],
+        "model_type": self.model_type, "text_config": text, "vision_config": vision,
+        "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+        "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+        "tie_word_embeddings": self.tie_word_embeddings,
+    }
+
+  @classmethod
+  def from_pretrained(cls, path: str, **runtime) -> "ModelConfig":
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(file) as f:
+      return cls.from_hf(json.load(f), **runtime)
+
+
+def _check(ok: bool, field: str, message: str):
+  if not ok:
+    raise ValueError(f"invalid model config field {field}: {message}")
+
+
+def _build(kind, values: dict[str, Any], where: str, **extra):
+  names = {f.name for f in dataclasses.fields(kind)}
+  unknown = set(values) - names
+  if unknown:
+    raise ValueError(f"unknown {where} config field(s) {sorted(unknown)}; known: {sorted(names)}")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+  return kind(**values, **extra)

@@ -1,0 +1,78 @@
+"""Host-side preparation of one model call: positions, segment ids, vision geometry, and input checks.
+
+Everything that depends on token values or grid sizes is computed here with numpy, once per batch, so the
+device forward (`Qwen3VL.forward`) is a pure function of static-shaped arrays and compiles once per shape.
+The data pipeline (training) and the public `Qwen3VL.__call__` both build a `ModelInputs` this way.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from qwen3vl.config import ModelConfig
+from qwen3vl.model.positions import get_rope_index
+from qwen3vl.model.vision import VisionGeometry, vision_geometry
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelInputs:
+  input_ids: np.ndarray  # [B, L] int32
+  positions: np.ndarray  # [3, B, L] int32 MRoPE rows (t, h, w)
+  segment_ids: np.ndarray  # [B, L] int32: 0 = padding, >= 1 = sample id (packing)
+  pixel_values: np.ndarray | None = None  # [N_img, patch_dim]
+  pixel_values_videos: np.ndarray | None = None  # [N_vid, patch_dim]
+  vision: VisionGeometry | None = None  # geometry of the images followed by the videos
+
+
+def prepare_inputs(cfg: ModelConfig, input_ids, *, pixel_values=None, image_grid_thw=None,
+                   pixel_values_videos=None, video_grid_thw=None, attention_mask=None,
+                   position_ids=None) -> tuple[ModelInputs, np.ndarray]:
+  """Checks the inputs and returns (ModelInputs, rope_deltas [B, 1])."""
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+  merge = cfg.vision.spatial_merge_size
+  grids = []
+  for name, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
+                                    ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+    n_tokens = int((ids == token).sum())
+    if pixels is None:
+      if n_tokens:
+        raise ValueError(f"input_ids hold {n_tokens} {name} tokens but no {name} pixels were given")
+      continue
+    if grid is None:
+      raise ValueError(f"{name} pixels were given without {name}_grid_thw")
+    grid = np.asarray(grid, dtype=np.int64).reshape(-1, 3)
+    n_patches = int(grid.prod(-1).sum())
+    if np.shape(pixels) != (n_patches, cfg.vision.patch_dim):
+      raise ValueError(f"{name} pixel values have shape {np.shape(pixels)}, but {name}_grid_thw "
+                       f"{grid.tolist()} needs ({n_patches}, {cfg.vision.patch_dim})")
+    if n_tokens != n_patches // merge**2:
+      raise ValueError(f"{name} tokens and {name} features do not match: input_ids hold {n_tokens} "
+                       f"{name} tokens, {name}_grid_thw {grid.tolist()} gives {n_patches // merge**2}")
+    grids.append(grid)
+  if position_ids is None:
+    positions, deltas = get_rope_index(
+        ids, image_grid_thw=None if pixel_values is None else image_grid_thw,
+        video_grid_thw=None if pixel_values_videos is None else video_grid_thw, attention_mask=mask,
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        vision_start_token_id=cfg.vision_start_token_id, spatial_merge_size=merge)
+  else:
+    positions = np.asarray(position_ids)
+    positions = np.broadcast_to(positions, (3,) + ids.shape) if positions.ndim == 2 else positions
+    deltas = positions.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
+  geometry = (vision_geometry(np.concatenate(grids), cfg.vision.num_position_embeddings, merge)
+              if grids else None)
+  inputs = ModelInputs(
+      input_ids=ids.astype(np.int32), positions=np.asarray(positions, np.int32),
+      segment_ids=(mask != 0).astype(np.int32),
+      pixel_values=None if pixel_values is None else np.asarray(pixel_values, np.float32),
+      pixel_values_videos=None if pixel_values_videos is None else np.asarray(pixel_values_videos, np.float32),
+      vision=geometry)
+  return inputs, np.asarray(deltas)

@@ -1,0 +1,115 @@
+"""The full Qwen3-VL model: vision tower, token embedding with visual features, scanned decoder, LM head.
+
+`forward(inputs)` is the pure device function (jit it over `nnx.split` state); `__call__` is the convenience
+entry for notebooks: it prepares the inputs on the host and runs a compiled forward.
+
+DeepStack inside the scan: the per-level visual features are scattered once into a dense [levels, B, L, H]
+tensor (zeros at text positions) that the scanned body indexes with the layer number; after layer i < levels
+it adds level i. Adding exact zeros elsewhere keeps the numbers identical to HF's masked add.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen3vl.config import ModelConfig
+from qwen3vl.model import rope
+from qwen3vl.model.inputs import ModelInputs, prepare_inputs
+from qwen3vl.model.layers import Embed, Linear, RMSNorm
+from qwen3vl.model.stack import build_stack, run_stack
+from qwen3vl.model.text import DecoderLayer
+from qwen3vl.model.vision import VisionTower
+
+
+class Qwen3VL(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.visual = VisionTower(cfg, rngs)
+    self.embed = Embed(t.vocab_size, t.hidden_size, **kw)
+    self.layers = build_stack(lambda r: DecoderLayer(cfg, r), t.num_hidden_layers, rngs)
+    self.norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
+    self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"),
+                                                                 bias=False, **kw)
+    self.config = cfg
+
+  # ------------------------------------------------------------------------------------------- device side
+  def embed_inputs(self, inputs: ModelInputs):
+    """Token embeddings with visual features scattered in, and the dense DeepStack tensor (or None)."""
+    cfg = self.config
+    x = self.embed(inputs.input_ids)
+    pixels = [p for p in (inputs.pixel_values, inputs.pixel_values_videos) if p is not None]
+    if not pixels:
+      return x, None
+    merged, deepstack = self.visual(jnp.concatenate(pixels), inputs.vision)
+    n_image = 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0] // cfg.vision.spatial_merge_size**2
+    ds = jnp.zeros((deepstack.shape[0],) + x.shape, x.dtype)
+    # Images come first in the packed vision output, then videos; each fills its pad tokens in row-major order.
+    for token, start, stop in ((cfg.image_token_id, 0, n_image), (cfg.video_token_id, n_image, merged.shape[0])):
+      if stop == start:
+        continue
+      mask = inputs.input_ids == token
+      row = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, stop - start - 1).reshape(mask.shape) + start
+      x = jnp.where(mask[..., None], merged[row].astype(x.dtype), x)
+      ds = jnp.where(mask[None, ..., None], deepstack[:, row].astype(x.dtype), ds)
+    return x, ds
+
+  def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False):
+    """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, hidden states."""
+    cfg, t = self.config, self.config.text
+    x, deepstack = self.embed_inputs(inputs)
+    cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
+    levels = 0 if deepstack is None else deepstack.shape[0]
+
+    def body(layer, h, i):
+      h, router_logits = layer(h, cos, sin, inputs.segment_ids)
+      if levels:
+        h = h + jnp.where(i < levels, deepstack[jnp.minimum(i, levels - 1)], jnp.zeros((), h.dtype))
+      return h, (router_logits, h if return_hidden_states else None)
+
+    x, (router_logits, hidden) = run_stack(self.layers, body, x, jnp.arange(t.num_hidden_layers),
+                                           scan=cfg.scan_layers)
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    extras = {"router_logits": router_logits}
+    if return_hidden_states:
+      extras["hidden_states"] = hidden
+    return logits.astype(jnp.float32), extras
+
+  # ---------------------------------------------------------------------------------------------- host side
+  def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+               video_grid_thw=None, attention_mask=None, position_ids=None):
+    """HF-style call: returns logits [batch, length, vocab]; positions are computed when not given."""
+    inputs, _ = prepare_inputs(self.config, input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                               pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                               attention_mask=attention_mask, position_ids=position_ids)
+    graphdef, state = nnx.split(self)
+    logits, _ = _jit_forward(graphdef, state, inputs)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, inputs):
+  return nnx.merge(graphdef, state).forward(inputs)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen3VL:
+  """A randomly initialised model (tests, training from scratch)."""
+  return Qwen3VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts by part, from abstract shapes (no memory is allocated)."""
+  model = nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  counts = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    part = str(getattr(path[0], "key", path[0]))
+    counts[part] = counts.get(part, 0) + int(np.prod(leaf.shape))
+  counts["total"] = sum(counts.values())
+  return counts
