@@ -1,0 +1,200 @@
+"""Blockwise (flash-style) attention in plain JAX: the reference every other kernel is checked against.
+
+Why this shape: it has to run everywhere (CPU tests, any accelerator as the last rung of the fallback ladder) and
+still handle long sequences, so it never builds the [Lq, Lk] score matrix. The forward maps over query blocks and
+scans over key/value blocks with an online softmax (running max, running sum and accumulator, all float32). The
+backward is a hand-written flash backward (``jax.custom_vjp``) that recomputes scores from the saved log-sum-exp,
+so training memory is O(L) per layer rather than one saved carry per (q block, kv block) pair.
+
+Masks are built per block from positions, never stored: kv padding, causal (queries are the LAST Lq positions of
+the Lk keys), sliding window (i - j < window) and segment ids (equal ids only). A query that sees no key outputs 0.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+NEG_INF = -jnp.inf
+
+
+class _Cfg(NamedTuple):
+  """Static (hashable) settings; the lengths are the unpadded ones."""
+  causal: bool
+  window: Optional[int]
+  scale: float
+  bq: int
+  bk: int
+  lq: int
+  lk: int
+
+
+def xla_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None,
+                  q_block=512, kv_block=512):
+  """Attention over [batch, length, heads, head_dim]; see ``kernels.attention`` for the argument contract.
+
+  ``segment_ids`` is None, one [B, L] array (Lq == Lk) or a (q_ids [B, Lq], kv_ids [B, Lk]) pair. Unlike the
+  dispatcher it does not validate shapes. ``sliding_window`` and ``scale`` must be Python numbers (static).
+  ``q_block`` / ``kv_block`` bound the score block held in memory; a length up to one block is a single block.
+  """
+  lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
+  cfg = _Cfg(bool(causal), None if sliding_window is None else int(sliding_window),
+             float(d ** -0.5 if scale is None else scale), min(q_block, lq), min(kv_block, lk), lq, lk)
+  if segment_ids is not None:
+    pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+    segment_ids = tuple(jnp.asarray(s, jnp.int32) for s in pair)
+  return _flash(cfg, q, k, v, segment_ids)
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+def _blocks(x, block):
+  """[B, L, ...] -> [L_pad // block, B, block, ...], zero-padding L up to a block multiple."""
+  pad = -x.shape[1] % block
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(x.shape[0], -1, block, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _unblocks(x, length):
+  """Inverse of ``_blocks``: [N, B, block, ...] -> [B, length, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _prepare(cfg, q, k, v, segs):
+  """Blocks everything; q gets a GQA group axis: [nq, B, bq, Hkv, G, D]."""
+  b, _, hq, d = q.shape
+  hkv = k.shape[2]
+  qb = _blocks(q.reshape(b, cfg.lq, hkv, hq // hkv, d), cfg.bq)
+  kb, vb = _blocks(k, cfg.bk), _blocks(v, cfg.bk)
+  iq = jnp.arange(qb.shape[0] * cfg.bq).reshape(-1, cfg.bq)  # [nq, bq]; rows >= lq are padding
+  ik = jnp.arange(kb.shape[0] * cfg.bk).reshape(-1, cfg.bk)  # [nk, bk]; cols >= lk are padding
+  qseg, kseg = (None, None) if segs is None else (_blocks(segs[0], cfg.bq), _blocks(segs[1], cfg.bk))
+  return qb, kb, vb, (iq, qseg), (ik, kseg)
+
+
+def _scores(cfg, q, k, qmeta, kmeta):
+  """Scaled float32 scores [B, Hkv, G, bq, bk] with -inf where masked."""
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * cfg.scale
+  (iq, qseg), (ik, kseg) = qmeta, kmeta
+  qpos = iq + (cfg.lk - cfg.lq)  # queries are the last lq positions
+  mask = (iq < cfg.lq)[:, None] & (ik < cfg.lk)[None, :]
+  if cfg.causal:
+    mask &= ik[None, :] <= qpos[:, None]
+  if cfg.window is not None:
+    mask &= qpos[:, None] - ik[None, :] < cfg.window
+  mask = mask[None]
+  if qseg is not None:
+    mask = mask & (qseg[:, :, None] == kseg[:, None, :])
+  return jnp.where(mask[:, None, None], s, NEG_INF)
+
+
+def _scan(body, init, xs):
+  """lax.scan, called directly for a single block: small shapes (most test and decode calls) compile faster."""
+  if jax.tree.leaves(xs)[0].shape[0] > 1:
+    return lax.scan(body, init, xs)
+  carry, y = body(init, jax.tree.map(lambda x: x[0], xs))
+  return carry, jax.tree.map(lambda a: a[None], y)
+
+
+def _map(fn, xs):
+  return _scan(lambda _, x: (None, fn(x)), None, xs)[1]
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _forward(cfg, q, k, v, segs):
+  qb, kb, vb, qmeta, kmeta = _prepare(cfg, q, k, v, segs)
+
+  def one_q_block(args):
+    q_blk, qm = args
+    b, bq, h, g, d = q_blk.shape
+
+    def kv_step(carry, xs):
+      m, l, acc = carry
+      k_blk, v_blk, km = xs
+      s = _scores(cfg, q_blk, k_blk, qm, km)
+      m_new = jnp.maximum(m, s.max(-1))
+      m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)
+      l = alpha * l + p.sum(-1)
+      pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
+      return (m_new, l, alpha[..., None] * acc + pv), None
+
+    init = (jnp.full((b, h, g, bq), NEG_INF, F32), jnp.zeros((b, h, g, bq), F32), jnp.zeros((b, h, g, bq, d), F32))
+    (m, l, acc), _ = _scan(kv_step, init, (kb, vb, kmeta))
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]  # no visible key -> 0, not NaN
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # out [B, bq, Hkv, G, D]
+
+  out, lse = _map(one_q_block, (qb, qmeta))
+  return _unblocks(out, cfg.lq).reshape(q.shape), lse  # lse stays blocked: [nq, B, Hkv, G, bq]
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _flash_fwd(cfg, q, k, v, segs):
+  out, lse = _forward(cfg, q, k, v, segs)
+  return out, (q, k, v, segs, out, lse)
+
+
+def _flash_bwd(cfg, res, dout):
+  q, k, v, segs, out, lse = res
+  qb, kb, vb, qmeta, kmeta = _prepare(cfg, q, k, v, segs)
+  b, _, hq, d = q.shape
+  hkv = k.shape[2]
+  dob = _blocks(dout.reshape(b, cfg.lq, hkv, hq // hkv, d), cfg.bq)
+  delta = jnp.einsum("bqhd,bqhd->bqh", dout, out, preferred_element_type=F32)  # rowsum(dO * O)
+  delta = jnp.moveaxis(_blocks(delta.reshape(b, cfg.lq, hkv, hq // hkv), cfg.bq), 2, -1)  # like lse
+
+  def probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km):
+    p = jnp.exp(_scores(cfg, q_blk, k_blk, qm, km) - lse_blk[..., None])
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=F32)
+    return p, p * (dp - delta_blk[..., None])
+
+  def dq_for_q_block(args):  # pass 1: dq, scanning kv blocks
+    q_blk, do_blk, lse_blk, delta_blk, qm = args
+
+    def step(acc, xs):
+      k_blk, v_blk, km = xs
+      _, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
+      return acc + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32), None
+
+    acc, _ = _scan(step, jnp.zeros(q_blk.shape, F32), (kb, vb, kmeta))
+    return (acc * cfg.scale).astype(q.dtype)
+
+  def dkv_for_kv_block(args):  # pass 2: dk and dv, scanning q blocks
+    k_blk, v_blk, km = args
+
+    def step(carry, xs):
+      dk, dv = carry
+      q_blk, do_blk, lse_blk, delta_blk, qm = xs
+      p, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
+      dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
+      dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
+      return (dk, dv), None
+
+    zeros = jnp.zeros(k_blk.shape, F32)
+    (dk, dv), _ = _scan(step, (zeros, zeros), (qb, dob, lse, delta, qmeta))
+    return (dk * cfg.scale).astype(k.dtype), dv.astype(v.dtype)
+
+  dq = _map(dq_for_q_block, (qb, dob, lse, delta, qmeta))
+  dk, dv = _map(dkv_for_kv_block, (kb, vb, kmeta))
+  dq = _unblocks(dq, cfg.lq).reshape(q.shape)
+  return dq, _unblocks(dk, cfg.lk), _unblocks(dv, cfg.lk), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_vjp(cfg, q, k, v, segs):
+  return _forward(cfg, q, k, v, segs)[0]
+
+
+_flash_vjp.defvjp(_flash_fwd, _flash_bwd)
+_flash = jax.jit(_flash_vjp, static_argnums=0)  # eager callers get one cached executable, not op-by-op dispatch
