@@ -76,10 +76,10 @@ def test_logits_match_hf_fixture(kind, inputs, loaded):
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch/transformers not installed (fixtures cover CI)")
-@pytest.mark.parametrize("kind,seed", [("dense", 11), ("tied", 12), ("moe", 13)])
-def test_logits_match_hf_live(kind, seed, inputs, tmp_path):
+@pytest.mark.parametrize("kind,seed", [("dense", 11), ("tied", 12), ("moe", 13), ("dense", 14), ("moe", 15)])
+def test_logits_match_hf_live_on_unseen_configs(kind, seed, inputs, tmp_path):
   from tests.fixtures import make_model_fixtures as mk
-  model = mk.build_hf_model(kind, seed=seed)
+  model = mk.build_hf_model(kind, seed=seed, config=mk.random_hf_config(kind, seed))
   model.save_pretrained(tmp_path)
   _check_against(hf.load_pretrained(str(tmp_path)), inputs, mk.hf_outputs(model, inputs))
 
