@@ -1,5 +1,5 @@
 """Kernels behind one entry point each: ``attention`` picks the fastest implementation that supports the call."""
-from kernels.attention import attention, implementations, register_implementation
+from kernels.dispatch import attention, implementations, register_implementation
 from kernels.xla_attention import xla_attention
 
 __all__ = ["attention", "implementations", "register_implementation", "xla_attention"]

@@ -1,6 +1,5 @@
 """kernels.attention: blockwise XLA path vs a dense float64 reference (values) and dense jnp (gradients)."""
 import logging
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +7,8 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels import dispatch
 from kernels.xla_attention import xla_attention
-
-attention_module = sys.modules["kernels.attention"]  # the package attribute `attention` is the function
 
 
 def _segments(rows, length):
@@ -152,8 +150,8 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_fallback_ladder_and_logging(monkeypatch, caplog):
-  monkeypatch.setattr(attention_module, "_REGISTRY", dict(attention_module._REGISTRY))
-  monkeypatch.setattr(attention_module, "_LOGGED", set())
+  monkeypatch.setattr(dispatch, "_REGISTRY", dict(dispatch._REGISTRY))
+  monkeypatch.setattr(dispatch, "_LOGGED", set())
 
   def declines(*args, **kwargs):
     raise NotImplementedError("not on this platform")
@@ -161,7 +159,7 @@ def test_fallback_ladder_and_logging(monkeypatch, caplog):
   kernels.register_implementation("fake_kernel", declines)
   assert kernels.implementations() == ("fake_kernel", "xla")
   q, k, v, _ = _inputs(1, 3, 3, 2, 2, 64)
-  with caplog.at_level(logging.DEBUG, logger="kernels.attention"):
+  with caplog.at_level(logging.DEBUG, logger="kernels.dispatch"):
     out = kernels.attention(q, k, v)
     kernels.attention(q, k, v)  # same (shape, dtype, name): logged once
   np.testing.assert_allclose(out, kernels.attention(q, k, v, implementation="xla"), rtol=1e-6)

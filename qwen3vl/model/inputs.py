@@ -22,9 +22,10 @@ class ModelInputs:
   input_ids: np.ndarray  # [B, L] int32
   positions: np.ndarray  # [3, B, L] int32 MRoPE rows (t, h, w)
   segment_ids: np.ndarray  # [B, L] int32: 0 = padding, >= 1 = sample id (packing)
-  pixel_values: np.ndarray | None = None  # [N_img, patch_dim]
-  pixel_values_videos: np.ndarray | None = None  # [N_vid, patch_dim]
-  vision: VisionGeometry | None = None  # geometry of the images followed by the videos
+  # All visual patches of the batch: images (in token order), then videos, then optional padding rows
+  # (segment id 0, never scattered) that keep the shape fixed across training batches.
+  pixel_values: np.ndarray | None = None  # [N, patch_dim]
+  vision: VisionGeometry | None = None
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, *, pixel_values=None, image_grid_thw=None,
@@ -67,12 +68,10 @@ def prepare_inputs(cfg: ModelConfig, input_ids, *, pixel_values=None, image_grid
     positions = np.asarray(position_ids)
     positions = np.broadcast_to(positions, (3,) + ids.shape) if positions.ndim == 2 else positions
     deltas = positions.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
-  geometry = (vision_geometry(np.concatenate(grids), cfg.vision.num_position_embeddings, merge)
-              if grids else None)
+  pixels = [np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos) if p is not None]
   inputs = ModelInputs(
       input_ids=ids.astype(np.int32), positions=np.asarray(positions, np.int32),
       segment_ids=(mask != 0).astype(np.int32),
-      pixel_values=None if pixel_values is None else np.asarray(pixel_values, np.float32),
-      pixel_values_videos=None if pixel_values_videos is None else np.asarray(pixel_values_videos, np.float32),
-      vision=geometry)
+      pixel_values=np.concatenate(pixels) if pixels else None,
+      vision=vision_geometry(np.concatenate(grids), cfg.vision.num_position_embeddings, merge) if grids else None)
   return inputs, np.asarray(deltas)

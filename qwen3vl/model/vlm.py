@@ -43,20 +43,20 @@ class Qwen3VL(nnx.Module):
     """Token embeddings with visual features scattered in, and the dense DeepStack tensor (or None)."""
     cfg = self.config
     x = self.embed(inputs.input_ids)
-    pixels = [p for p in (inputs.pixel_values, inputs.pixel_values_videos) if p is not None]
-    if not pixels:
+    if inputs.pixel_values is None:
       return x, None
-    merged, deepstack = self.visual(jnp.concatenate(pixels), inputs.vision)
-    n_image = 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0] // cfg.vision.spatial_merge_size**2
+    merged, deepstack = self.visual(inputs.pixel_values, inputs.vision)
     ds = jnp.zeros((deepstack.shape[0],) + x.shape, x.dtype)
-    # Images come first in the packed vision output, then videos; each fills its pad tokens in row-major order.
-    for token, start, stop in ((cfg.image_token_id, 0, n_image), (cfg.video_token_id, n_image, merged.shape[0])):
-      if stop == start:
-        continue
-      mask = inputs.input_ids == token
-      row = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, stop - start - 1).reshape(mask.shape) + start
-      x = jnp.where(mask[..., None], merged[row].astype(x.dtype), x)
-      ds = jnp.where(mask[None, ..., None], deepstack[:, row].astype(x.dtype), ds)
+    # Merged rows hold the images (in token order), then the videos: each modality fills its pad tokens in
+    # row-major order, videos starting after the last image row. Padding rows past them are never read.
+    image = inputs.input_ids == cfg.image_token_id
+    video = inputs.input_ids == cfg.video_token_id
+    image_row = jnp.cumsum(image.reshape(-1)).reshape(image.shape) - 1
+    video_row = jnp.cumsum(video.reshape(-1)).reshape(video.shape) - 1 + image.sum()
+    row = jnp.clip(jnp.where(image, image_row, video_row), 0, merged.shape[0] - 1)
+    visual = (image | video)[..., None]
+    x = jnp.where(visual, merged[row].astype(x.dtype), x)
+    ds = jnp.where(visual[None], deepstack[:, row].astype(x.dtype), ds)
     return x, ds
 
   def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False):
