@@ -35,13 +35,15 @@ PRESETS = {
                       num_key_value_heads=4, intermediate_size=6144, **_moe(128, 8, 768)),
     "235b_a22b": _model(_VIT_LARGE, False, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
                         num_key_value_heads=4, intermediate_size=12288, **_moe(128, 8, 1536)),
-    # Tiny models for CPU: real token ids and patch geometry, small widths.
+    # Tiny models for CPU, sized for the built-in byte-level tokenizer (qwen3vl/data/tokenizer.py: 256 bytes,
+    # then the Qwen special tokens from id 256, vocab padded to 320).
     "tiny": dict(
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
                     num_position_embeddings=256, deepstack_visual_indexes=(0,)),
-        text=dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=32, intermediate_size=256, mrope_section=(8, 4, 4)),
-        tie_word_embeddings=True),
+        text=dict(vocab_size=320, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=256, mrope_section=(8, 4, 4)),
+        tie_word_embeddings=True, image_token_id=262, video_token_id=263, vision_start_token_id=259,
+        vision_end_token_id=260),
 }
 PRESETS["tiny_moe"] = dict(PRESETS["tiny"], text=dict(PRESETS["tiny"]["text"], **_moe(8, 2, 64)))
 

@@ -59,8 +59,9 @@ class Qwen3VL(nnx.Module):
     ds = jnp.where(visual[None], deepstack[:, row].astype(x.dtype), ds)
     return x, ds
 
-  def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False):
-    """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, hidden states."""
+  def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False, return_hidden: bool = False):
+    """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, per-layer hidden
+    states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss)."""
     cfg, t = self.config, self.config.text
     x, deepstack = self.embed_inputs(inputs)
     cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
@@ -75,10 +76,12 @@ class Qwen3VL(nnx.Module):
     x, (router_logits, hidden) = run_stack(self.layers, body, x, jnp.arange(t.num_hidden_layers),
                                            scan=cfg.scan_layers)
     x = self.norm(x)
-    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     extras = {"router_logits": router_logits}
     if return_hidden_states:
       extras["hidden_states"] = hidden
+    if return_hidden:
+      return x, extras
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32), extras
 
   # ---------------------------------------------------------------------------------------------- host side

@@ -1,0 +1,68 @@
+"""The training config shared by configs/moe.py and configs/dense.py.
+
+Every field the rest of the project relies on lives here, with its default; presets only change the model and
+a few sizes. `None` in a hardware-dependent field means "let the hardware overlay decide" (qwen3vl/hardware.py),
+so anything set on the command line wins over the overlay.
+"""
+import ml_collections
+
+from configs import models
+
+
+def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.hardware = "auto"  # auto | cpu | gpu | tpu
+  c.init_from_hf = None  # a HF checkpoint directory to fine-tune (its config.json defines the model)
+  c.tokenizer = None  # a HF tokenizer.json; None = the built-in byte-level tokenizer
+
+  c.model = models.get_config(preset)
+  c.model.dtype = None  # compute dtype; overlay: float32 on CPU, bfloat16 on GPU/TPU
+  c.model.param_dtype = "float32"  # master weights stay float32
+  c.model.scan_layers = True
+  c.model.attention_impl = None  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
+  c.model.moe_impl = "ragged"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_path = None  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA
+  c.data.eval_path = None
+  c.data.batch_size = 16 if tiny else 64
+  c.data.max_length = 128 if tiny else 4096
+  c.data.max_patches = 16 * 64 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
+  c.data.pack = True
+  c.data.image_size = 64  # synthetic images (pixels)
+  c.data.synthetic_train_size = 20000
+  c.data.synthetic_eval_size = 256
+  c.data.min_pixels = 32 * 32 if tiny else 65536
+  c.data.max_pixels = 64 * 64 if tiny else 16384 * 32 * 32
+  c.data.prefetch = 2
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-3 if tiny else 1e-5
+  c.optim.min_lr_ratio = 0.1
+  c.optim.warmup_steps = 30 if tiny else 200
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum = 1
+  # Learning-rate multipliers by parameter group (0 freezes the group).
+  c.optim.lr_mult = ml_collections.ConfigDict({"vision": 1.0, "merger": 1.0, "llm": 1.0})
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.aux_loss_coef = 0.001  # MoE load balancing (HF's router_aux_loss_coef)
+  c.loss.z_loss_coef = 0.001  # router z-loss
+  c.loss.vocab_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size (saves logits memory)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 400 if tiny else 10000
+  c.train.eval_every = 100 if tiny else 1000
+  c.train.eval_batches = 16 if tiny else 50
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200 if tiny else 1000
+  c.train.keep_checkpoints = 2
+  c.train.peak_tflops = None  # for the MFU estimate; None = from the device kind when known
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+  return c

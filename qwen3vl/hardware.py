@@ -1,0 +1,48 @@
+"""Hardware overlays: fill the config fields left as None with what suits the platform.
+
+`config.hardware` = auto (the default JAX backend) | cpu | gpu | tpu. Only fields still None are filled, so a
+value given on the command line always wins. Peak FLOP/s by device kind feed the MFU estimate.
+"""
+from __future__ import annotations
+
+import jax
+
+OVERLAYS = {
+    "cpu": {"model.dtype": "float32", "model.attention_impl": "xla"},
+    "gpu": {"model.dtype": "bfloat16"},  # attention: the dispatcher tries Pallas / Triton / cuDNN, then XLA
+    "tpu": {"model.dtype": "bfloat16"},
+}
+
+# Dense bf16 peak TFLOP/s per chip (vendor figures) for the MFU estimate.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5": 459.0,
+               "TPU v4": 275.0, "TPU v6 lite": 918.0}
+
+
+def platform(config) -> str:
+  name = config.hardware
+  if name == "auto":
+    name = jax.default_backend()
+  if name not in OVERLAYS:
+    raise ValueError(f"config.hardware must be auto, cpu, gpu or tpu; got {config.hardware!r}")
+  return name
+
+
+def apply_overlay(config) -> str:
+  """Fills None fields of `config` in place; returns the platform name."""
+  name = platform(config)
+  with config.unlocked():
+    for dotted, value in OVERLAYS[name].items():
+      node = config
+      *parents, leaf = dotted.split(".")
+      for p in parents:
+        node = node[p]
+      if node.get(leaf) is None:
+        node[leaf] = value
+  return name
+
+
+def peak_tflops(config) -> float | None:
+  if config.train.peak_tflops:
+    return float(config.train.peak_tflops)
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)

@@ -1,0 +1,39 @@
+"""Orbax checkpoints of a training run: parameters, optimizer state, step, RNG and the data loader's position.
+
+One `CheckpointManager` per work directory (keep-N, asynchronous saves); the train state is a pytree saved
+with StandardSave, the loader position is a small JSON item, so a restored run continues with the same batches.
+"""
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, step: int, abstract_state):
+    """Restores into the structure/shardings of `abstract_state`; returns (state, data_state)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,283 @@
+"""The training loop behind `python train.py`.
+
+The hot path is two jitted pure functions over a plain pytree state {params, opt_state, step, rng}:
+`train_step` (donated state) and `eval_step`. The model object is rebuilt inside them from the static graph
+definition with `nnx.merge`, so nothing walks the NNX object graph per step. Checkpoints (Orbax) hold the state
+and the loader position; SIGTERM / Ctrl-C save before exiting, and a restarted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from qwen3vl import hardware, hf
+from qwen3vl.config import ModelConfig
+from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
+from qwen3vl.data.packing import Packer, to_model_inputs
+from qwen3vl.data.tokenizer import Tokenizer
+from qwen3vl.model.vlm import Qwen3VL
+from qwen3vl.train import losses
+from qwen3vl.train.checkpoint import Checkpointer
+from qwen3vl.train.metrics import MetricsWriter
+from qwen3vl.train.optim import make_optimizer, schedule
+
+log = logging.getLogger(__name__)
+_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl")
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+def model_config(config, tokenizer: Tokenizer) -> ModelConfig:
+  """The model's config: from `init_from_hf`'s config.json, or the preset; token ids must agree with the
+  tokenizer (an error names the field otherwise)."""
+  runtime = {k: config.model[k] for k in _RUNTIME}
+  if config.init_from_hf:
+    cfg = ModelConfig.from_pretrained(config.init_from_hf, **runtime)
+  else:
+    fields = {k: v for k, v in config.model.to_dict().items() if k not in _RUNTIME}
+    cfg = ModelConfig.from_dict({**fields, **runtime})
+  ids = tokenizer.special_ids
+  for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+    if getattr(cfg, field) != ids[field]:
+      raise ValueError(f"config.model.{field}={getattr(cfg, field)} but the tokenizer has {ids[field]}")
+  if cfg.text.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"config.model.text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size})")
+  return cfg
+
+
+def validate(config):
+  c = config
+  for name, ok in (("train.steps", c.train.steps > 0), ("train.eval_every", c.train.eval_every > 0),
+                   ("data.batch_size", c.data.batch_size > 0), ("data.max_length", c.data.max_length > 1),
+                   ("data.max_patches", c.data.max_patches % 4 == 0 and c.data.max_patches >= 0),
+                   ("optim.lr", c.optim.lr > 0), ("optim.grad_accum", c.optim.grad_accum >= 1)):
+    if not ok:
+      raise ValueError(f"invalid config field {name}: {eval('c.' + name)!r}")
+  unknown = set(c.optim.lr_mult) - {"vision", "merger", "llm"}
+  if unknown:
+    raise ValueError(f"invalid config field optim.lr_mult: unknown groups {sorted(unknown)}")
+  for path in (c.data.train_path, c.data.eval_path, c.init_from_hf, c.tokenizer):
+    if path and not os.path.exists(path):
+      raise FileNotFoundError(f"config path {path!r} does not exist")
+
+
+def make_loaders(config, tokenizer, model_cfg):
+  d = config.data
+  packer = Packer(tokenizer=tokenizer, batch_size=d.batch_size, max_length=d.max_length,
+                  max_patches=d.max_patches, pack=d.pack, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                  num_position_embeddings=model_cfg.vision.num_position_embeddings)
+  if d.train_path:
+    train_src = JsonlSource(d.train_path)
+    eval_src = JsonlSource(d.eval_path) if d.eval_path else None
+  else:
+    train_src = SyntheticSource("train", d.synthetic_train_size, d.image_size, config.seed)
+    eval_src = SyntheticSource("eval", d.synthetic_eval_size, d.image_size, config.seed)
+  train = Loader(train_src, packer, seed=config.seed, shuffle=True, prefetch=d.prefetch)
+  make_eval = (lambda: Loader(eval_src, packer, seed=config.seed, shuffle=False, prefetch=d.prefetch,
+                              epochs=1)) if eval_src else None
+  return train, make_eval
+
+
+# ------------------------------------------------------------------------------------------------ step fns
+def _loss_and_metrics(graphdef, params, batch, config):
+  model = nnx.merge(graphdef, params)
+  inputs = to_model_inputs(batch)
+  mask = batch["loss_mask"]
+  targets = batch["targets"]
+  if config.loss.vocab_chunk:
+    hidden, extras = model.forward(inputs, return_hidden=True)
+    head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
+    ce, predicted = losses.chunked_cross_entropy(hidden, head, targets, mask, config.loss.vocab_chunk)
+  else:
+    logits, extras = model.forward(inputs)
+    ce, _ = losses.cross_entropy(logits, targets, mask)
+    predicted = logits.argmax(-1)
+  metrics = {"loss/ce": ce}
+  loss = ce
+  if extras["router_logits"] is not None:
+    aux, z, load = losses.moe_losses(extras["router_logits"], (batch["segment_ids"] > 0).reshape(-1),
+                                     model.config.text.num_experts_per_tok)
+    loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
+    metrics.update({"loss/aux": aux, "loss/z": z, "moe/expert_load": load,
+                    "moe/max_load": load.max() / load.mean()})
+  correct = ((predicted == targets) * mask).sum()
+  em, samples = losses.exact_match(predicted, targets, mask, batch["segment_ids"])
+  metrics.update({"loss": loss, "correct": correct, "tokens": mask.sum(), "exact": em, "samples": samples})
+  return loss, metrics
+
+
+def train_step(state, batch, *, graphdef, tx, config):
+  grads, metrics = jax.grad(lambda p: _loss_and_metrics(graphdef, p, batch, config), has_aux=True)(
+      state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+  metrics["grad_norm"] = _global_norm(grads)
+  new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+  return new, metrics
+
+
+def eval_step(params, batch, *, graphdef, config):
+  return _loss_and_metrics(graphdef, params, batch, config)[1]
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# --------------------------------------------------------------------------------------------------- loop
+class _Stop:
+  """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested:  # a second Ctrl-C: give up immediately
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) a training run in `workdir`; returns the last eval metrics."""
+  platform = hardware.apply_overlay(config)
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  print(f"platform: {platform} ({jax.devices()[0].device_kind}); resolved config:\n{config}", flush=True)
+
+  tokenizer = Tokenizer.from_file(config.tokenizer) if config.tokenizer else Tokenizer.builtin()
+  cfg = model_config(config, tokenizer)
+  if config.init_from_hf:
+    model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in _RUNTIME})
+  else:
+    model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  del model, state
+  tx = make_optimizer(config.optim, config.train.steps, params)
+  train_state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.key_data(jax.random.key(config.seed))}
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  print(f"model: {cfg.model_type}, {n_params:,} parameters", flush=True)
+
+  ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  loader, make_eval = make_loaders(config, tokenizer, cfg)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_state)
+    train_state, data_state = ckpt.restore(start, abstract)
+    loader.restore(data_state)
+    print(f"resumed from step {start}", flush=True)
+  start = int(train_state["step"])
+
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, config=config), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=config))
+  lr = schedule(config.optim, config.train.steps)
+  peak = hardware.peak_tflops(config)
+  writer = MetricsWriter(workdir, config.train.steps, start)
+  stop = _Stop()
+  last_eval, flops, window = {}, None, []
+  try:
+    step = start
+    while step < config.train.steps and not stop.requested:
+      batch = next(loader)
+      if flops is None:  # first step: compile (cost analysis for MFU), run, and start the clock after it
+        flops = _step_flops(step_fn, train_state, batch)
+        train_state, metrics = jax.block_until_ready(step_fn(train_state, batch))
+        window_start = time.perf_counter()
+      else:
+        train_state, metrics = step_fn(train_state, batch)
+      step += 1
+      window.append(metrics)
+      writer.advance()
+      if step % config.train.log_every == 0 or step == config.train.steps:
+        jax.block_until_ready(train_state)
+        now = time.perf_counter()
+        writer.write(step, _train_record(window, now - window_start, lr(step), flops, peak, loader))
+        window, window_start = [], now
+      if step % config.train.checkpoint_every == 0:
+        ckpt.save(step, train_state, loader.state())
+      if make_eval and (step % config.train.eval_every == 0 or step == config.train.steps):
+        last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches)
+        writer.write(step, last_eval)
+        writer.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+    if stop.requested:
+      writer.print(f"stop requested: saving a checkpoint at step {step}")
+    ckpt.save(step, train_state, loader.state(), force=True)
+    ckpt.wait()
+  finally:
+    stop.restore()
+    writer.close()
+    loader.close()
+    ckpt.close()
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+  return last_eval
+
+
+def _step_flops(step_fn, state, batch) -> float | None:
+  try:
+    cost = step_fn.lower(state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best-effort: some backends do not report it
+    return None
+
+
+def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
+  """Averages of a window of steps; `seconds` is its wall time (the first window excludes compilation)."""
+  metrics = jax.device_get(window)
+  tokens = sum(float(m["tokens"]) for m in metrics)
+  record = {"train/loss": np.mean([m["loss"] for m in metrics]),
+            "train/ce": np.mean([m["loss/ce"] for m in metrics]),
+            "train/accuracy": sum(float(m["correct"]) for m in metrics) / max(tokens, 1),
+            "train/exact_match": sum(float(m["exact"]) for m in metrics) / max(sum(float(m["samples"])
+                                                                              for m in metrics), 1),
+            "train/grad_norm": np.mean([m["grad_norm"] for m in metrics]), "train/lr": float(lr),
+            "train/tokens_per_s": tokens / max(seconds, 1e-9), "train/step_s": seconds / len(window),
+            "data/skipped": sum(loader.skipped.values())}
+  if "loss/aux" in metrics[0]:
+    record["train/aux_loss"] = np.mean([m["loss/aux"] for m in metrics])
+    record["train/z_loss"] = np.mean([m["loss/z"] for m in metrics])
+    record["train/expert_load"] = np.mean([m["moe/expert_load"] for m in metrics], axis=0).round(4).tolist()
+  if flops and peak:
+    record["train/mfu"] = flops / (seconds / len(window)) / (peak * 1e12)
+  return record
+
+
+def evaluate(eval_fn, params, make_eval, max_batches: int) -> dict:
+  loader = make_eval()
+  totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "exact": 0.0, "samples": 0.0, "batches": 0}
+  try:
+    for i, batch in enumerate(loader):
+      if i >= max_batches:
+        break
+      m = jax.device_get(eval_fn(params, batch))
+      totals["loss"] += float(m["loss/ce"]) * float(m["tokens"])
+      for k in ("correct", "tokens", "exact", "samples"):
+        totals[k] += float(m[k])
+      totals["batches"] += 1
+  finally:
+    loader.close()
+  return {"eval/loss": totals["loss"] / max(totals["tokens"], 1),
+          "eval/accuracy": totals["correct"] / max(totals["tokens"], 1),
+          "eval/exact_match": totals["exact"] / max(totals["samples"], 1), "eval/samples": totals["samples"]}
