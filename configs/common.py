@@ -28,7 +28,7 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.data.eval_path = None
   c.data.batch_size = 16 if tiny else 64
   c.data.max_length = 128 if tiny else 4096
-  c.data.max_patches = 16 * 64 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
+  c.data.max_patches = 512 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
   c.data.pack = True
   c.data.image_size = 64  # synthetic images (pixels)
   c.data.synthetic_train_size = 20000

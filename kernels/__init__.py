@@ -1,5 +1,23 @@
-"""Kernels behind one entry point each: ``attention`` picks the fastest implementation that supports the call."""
-from kernels.dispatch import attention, implementations, register_implementation
-from kernels.xla_attention import xla_attention
+"""Kernels behind one entry point per op; each picks the first implementation that supports the call.
 
-__all__ = ["attention", "implementations", "register_implementation", "xla_attention"]
+Order of the attention ladder (kernels/dispatch.py): TPU Pallas; GPU Pallas (Triton lowering), jax-triton,
+cuDNN; XLA (blockwise reference, the CPU default). Pallas kernels run in interpret mode when forced by name on a
+platform that is not theirs (how CI tests them on CPU). Block-sparse attention shares the Pallas kernels.
+"""
+from kernels.block_sparse import (block_sparse_attention, causal_layout, dynamic_sparse_attention,
+                                  dynamic_topk_layout, layout_to_lists, segment_layout, sliding_window_layout)
+from kernels.dispatch import attention, implementations, register_implementation
+
+# Backend modules keep their own names (kernels.pallas_gpu_attention is the module); register their functions.
+from kernels import cudnn_attention as _cudnn, pallas_gpu_attention as _pallas_gpu  # noqa: E402
+from kernels import pallas_tpu_attention as _pallas_tpu, triton_attention as _triton  # noqa: E402
+
+for _op in ("attention", "block_sparse_attention"):
+  register_implementation("pallas_tpu", _pallas_tpu.pallas_tpu_attention, op=_op, platform="tpu")
+  register_implementation("pallas_gpu", _pallas_gpu.pallas_gpu_attention, op=_op, platform="gpu")
+register_implementation("triton", _triton.triton_attention, platform="gpu")
+register_implementation("cudnn", _cudnn.cudnn_attention, platform="gpu")
+
+__all__ = ["attention", "block_sparse_attention", "dynamic_sparse_attention", "causal_layout",
+           "sliding_window_layout", "segment_layout", "dynamic_topk_layout", "layout_to_lists", "implementations",
+           "register_implementation"]

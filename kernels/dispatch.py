@@ -1,44 +1,116 @@
-"""The project's single attention entry point and its fallback ladder.
+"""The project's kernel entry points and their fallback ladders: one registry per op.
 
-Why one entry point: every caller (text layers, vision blocks, decode with a KV cache) states *what* it wants
-(causal, segments, window) and never *how*. The dispatcher walks an ordered registry of implementations, fastest
-first; an implementation that cannot handle the platform or the arguments raises ``NotImplementedError`` and the
-next one is tried. The XLA implementation is last and handles everything, so the ladder always ends somewhere.
-Kernel modules add themselves in front of it with ``register_implementation``.
+Why one entry point per op: every caller (text layers, vision blocks, decode with a KV cache) states *what* it wants
+(causal, segments, window, a block layout) and never *how*. For each op ("attention", "block_sparse_attention") the
+dispatcher walks an ordered registry of implementations, fastest first; an implementation that cannot handle the
+platform or the arguments raises ``NotImplementedError`` and the next one is tried. The XLA implementation is last
+and handles everything, so the ladder always ends somewhere. Kernel modules add themselves in front of it with
+``register_implementation(name, fn, op=..., platform=...)``.
+
+Each entry records the platform it is native to: ``None`` for portable code (XLA; called without ``interpret``), or
+"gpu" / "tpu" for Pallas kernels, which take ``interpret``:
+
+* automatic dispatch passes ``interpret=None``: the kernel runs compiled on its own platform and raises
+  ``NotImplementedError`` elsewhere, so the ladder moves on;
+* forcing a name (``implementation="pallas_tpu"``) on another platform passes ``interpret=True``: the Pallas
+  interpreter runs the same kernel, which is how CPU CI tests it; on its own platform it passes ``interpret=None``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from kernels.xla_attention import xla_attention
+from kernels.xla_block_sparse import xla_block_sparse_attention
 
 logger = logging.getLogger(__name__)
 
-# name -> fn(q, k, v, *, causal, segment_ids, sliding_window, scale); tried in insertion order.
-_REGISTRY: Dict[str, Callable] = {"xla": xla_attention}
+
+class Implementation(NamedTuple):
+  """A registry entry: ``fn`` and the platform it is native to (None: portable, never given ``interpret``)."""
+  fn: Callable
+  platform: Optional[str] = None
+
+
+# op -> {name -> Implementation}, each tried in insertion order. Ops and the keywords their implementations take:
+#   attention:              causal, segment_ids, sliding_window, scale
+#   block_sparse_attention: causal, segment_ids, sliding_window, scale, block_layout, block_size
+# (+ interpret for entries with a platform). segment_ids is always None or a (q_ids, kv_ids) pair.
+_REGISTRIES: Dict[str, Dict[str, Implementation]] = {
+    "attention": {"xla": Implementation(xla_attention)},
+    "block_sparse_attention": {"xla": Implementation(xla_block_sparse_attention)},
+}
 _LOGGED = set()
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def register_implementation(name: str, fn: Callable, *, before: Optional[str] = "xla") -> None:
-  """Add (or replace) an implementation, placed before ``before`` (default: ahead of the XLA reference).
+def _registry(op: str) -> Dict[str, Implementation]:
+  if op not in _REGISTRIES:
+    raise ValueError(f"unknown op {op!r}; valid: {', '.join(_REGISTRIES)}")
+  return _REGISTRIES[op]
 
-  ``before=None`` appends at the end. ``fn`` takes the normalised arguments of ``attention`` (``segment_ids`` is
-  None or a (q_ids, kv_ids) pair) and raises ``NotImplementedError`` to pass to the next implementation.
+
+def register_implementation(name: str, fn: Callable, *, before: Optional[str] = "xla", op: str = "attention",
+                            platform: Optional[str] = None) -> None:
+  """Add (or replace) an implementation of ``op``, placed before ``before`` (default: ahead of the XLA reference).
+
+  ``before=None`` appends at the end. ``fn`` takes the normalised arguments of the op (``segment_ids`` is None or a
+  (q_ids, kv_ids) pair) and raises ``NotImplementedError`` to pass to the next implementation. ``platform``
+  ("gpu", "tpu") marks a Pallas kernel native to that platform: it is then also called with ``interpret`` (see the
+  module docstring). The same function may be registered under several ops.
   """
-  items = [(n, f) for n, f in _REGISTRY.items() if n != name]
+  registry = _registry(op)
+  if platform is not None:
+    platform = _PLATFORM_ALIASES.get(platform, platform)
+  items = [(n, e) for n, e in registry.items() if n != name]
   names = [n for n, _ in items]
   at = names.index(before) if before in names else len(items)
-  items.insert(at, (name, fn))
-  _REGISTRY.clear()
-  _REGISTRY.update(items)
+  items.insert(at, (name, Implementation(fn, platform)))
+  registry.clear()
+  registry.update(items)
 
 
-def implementations() -> tuple:
-  """Registered implementation names, in the order the dispatcher tries them."""
-  return tuple(_REGISTRY)
+def implementations(op: str = "attention") -> tuple:
+  """Registered implementation names of ``op``, in the order the dispatcher tries them."""
+  return tuple(_registry(op))
+
+
+def current_platform() -> str:
+  """jax.default_backend() with CUDA / ROCm folded into "gpu"."""
+  backend = jax.default_backend()
+  return _PLATFORM_ALIASES.get(backend, backend)
+
+
+def dispatch_op(op: str, implementation: Optional[str], q, k, v, **kwargs):
+  """Runs the ladder of ``op`` on already validated arguments; ``implementation`` forces one name (not caught)."""
+  registry = _registry(op)
+  if implementation is not None and implementation not in registry:
+    raise ValueError(f"unknown {op} implementation {implementation!r}; valid: {', '.join(registry)}")
+  names = [implementation] if implementation is not None else list(registry)
+  reasons = []
+  for name in names:
+    entry = registry[name]
+    call_kwargs = dict(kwargs)
+    if entry.platform is not None:
+      forced_elsewhere = implementation is not None and entry.platform != current_platform()
+      call_kwargs["interpret"] = True if forced_elsewhere else None
+    try:
+      out = entry.fn(q, k, v, **call_kwargs)
+    except NotImplementedError as e:
+      if implementation is not None:
+        raise
+      logger.debug("%s implementation %s declined: %s", op, name, e)
+      reasons.append(f"{name}: {e}")
+      continue
+    key = (op, q.shape, k.shape, str(q.dtype), name)
+    if key not in _LOGGED:
+      _LOGGED.add(key)
+      logger.info("%s: using %s for q%s k%s %s", op, name, tuple(q.shape), tuple(k.shape), q.dtype)
+    return out
+  raise NotImplementedError(f"no {op} implementation accepted these arguments: " + "; ".join(reasons))
 
 
 def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None, implementation=None):
@@ -58,30 +130,12 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
 
   Returns [batch, Lq, Hq, head_dim] in q.dtype; softmax runs in float32; a query with no visible key gives 0.
   """
-  segment_ids = _check(q, k, v, segment_ids, sliding_window)
-  if implementation is not None and implementation not in _REGISTRY:
-    raise ValueError(f"unknown attention implementation {implementation!r}; valid: {', '.join(_REGISTRY)}")
-  names = [implementation] if implementation is not None else list(_REGISTRY)
-  reasons = []
-  for name in names:
-    try:
-      out = _REGISTRY[name](q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                            scale=scale)
-    except NotImplementedError as e:
-      if implementation is not None:
-        raise
-      logger.debug("attention implementation %s declined: %s", name, e)
-      reasons.append(f"{name}: {e}")
-      continue
-    key = (q.shape, k.shape, str(q.dtype), name)
-    if key not in _LOGGED:
-      _LOGGED.add(key)
-      logger.info("attention: using %s for q%s k%s %s", name, tuple(q.shape), tuple(k.shape), q.dtype)
-    return out
-  raise NotImplementedError("no attention implementation accepted these arguments: " + "; ".join(reasons))
+  segment_ids = check_args(q, k, v, segment_ids, sliding_window)
+  return dispatch_op("attention", implementation, q, k, v, causal=causal, segment_ids=segment_ids,
+                     sliding_window=sliding_window, scale=scale)
 
 
-def _check(q, k, v, segment_ids, sliding_window):
+def check_args(q, k, v, segment_ids, sliding_window):
   """Validates shapes with messages that name the argument; returns segment_ids as None or a (q, kv) pair."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"attention expects [batch, length, heads, head_dim]; got q{q.shape} k{k.shape} v{v.shape}")
@@ -104,3 +158,6 @@ def _check(q, k, v, segment_ids, sliding_window):
   if q_ids.shape != (b, lq) or kv_ids.shape != (b, lk):
     raise ValueError(f"segment_ids shapes {q_ids.shape}, {kv_ids.shape} must be ({b}, {lq}) and ({b}, {lk})")
   return q_ids, kv_ids
+
+
+_check = check_args  # the pre-refactor name

@@ -74,8 +74,8 @@ def validate(config):
 
 def make_loaders(config, tokenizer, model_cfg):
   d = config.data
-  packer = Packer(tokenizer=tokenizer, batch_size=d.batch_size, max_length=d.max_length,
-                  max_patches=d.max_patches, pack=d.pack, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+  packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=d.pack, tokenizer=tokenizer,
+                  min_pixels=d.min_pixels, max_pixels=d.max_pixels, merge_size=model_cfg.vision.spatial_merge_size,
                   num_position_embeddings=model_cfg.vision.num_position_embeddings)
   if d.train_path:
     train_src = JsonlSource(d.train_path)
@@ -113,7 +113,8 @@ def _loss_and_metrics(graphdef, params, batch, config):
                     "moe/max_load": load.max() / load.mean()})
   correct = ((predicted == targets) * mask).sum()
   em, samples = losses.exact_match(predicted, targets, mask, batch["segment_ids"])
-  metrics.update({"loss": loss, "correct": correct, "tokens": mask.sum(), "exact": em, "samples": samples})
+  metrics.update({"loss": loss, "correct": correct, "tokens": mask.sum(), "exact": em, "samples": samples,
+                  "seen_tokens": (batch["segment_ids"] > 0).sum()})
   return loss, metrics
 
 
@@ -222,7 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if stop.requested:
       writer.print(f"stop requested: saving a checkpoint at step {step}")
-    ckpt.save(step, train_state, loader.state(), force=True)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, train_state, loader.state(), force=True)
     ckpt.wait()
   finally:
     stop.restore()
@@ -247,13 +249,14 @@ def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
   """Averages of a window of steps; `seconds` is its wall time (the first window excludes compilation)."""
   metrics = jax.device_get(window)
   tokens = sum(float(m["tokens"]) for m in metrics)
+  seen = sum(float(m["seen_tokens"]) for m in metrics)
   record = {"train/loss": np.mean([m["loss"] for m in metrics]),
             "train/ce": np.mean([m["loss/ce"] for m in metrics]),
             "train/accuracy": sum(float(m["correct"]) for m in metrics) / max(tokens, 1),
             "train/exact_match": sum(float(m["exact"]) for m in metrics) / max(sum(float(m["samples"])
                                                                               for m in metrics), 1),
             "train/grad_norm": np.mean([m["grad_norm"] for m in metrics]), "train/lr": float(lr),
-            "train/tokens_per_s": tokens / max(seconds, 1e-9), "train/step_s": seconds / len(window),
+            "train/tokens_per_s": seen / max(seconds, 1e-9), "train/step_s": seconds / len(window),
             "data/skipped": sum(loader.skipped.values())}
   if "loss/aux" in metrics[0]:
     record["train/aux_loss"] = np.mean([m["loss/aux"] for m in metrics])
