@@ -5,27 +5,30 @@ a few sizes. `None` in a hardware-dependent field means "let the hardware overla
 so anything set on the command line wins over the overlay.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import models
 
 
+
 def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
+  # Optional fields are typed placeholders (None by default) so the command line can still set them.
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.hardware = "auto"  # auto | cpu | gpu | tpu
-  c.init_from_hf = None  # a HF checkpoint directory to fine-tune (its config.json defines the model)
-  c.tokenizer = None  # a HF tokenizer.json; None = the built-in byte-level tokenizer
+  c.init_from_hf = placeholder(str)  # a HF checkpoint directory to fine-tune (its config.json defines the model)
+  c.tokenizer = placeholder(str)  # a HF tokenizer.json; None = the built-in byte-level tokenizer
 
   c.model = models.get_config(preset)
-  c.model.dtype = None  # compute dtype; overlay: float32 on CPU, bfloat16 on GPU/TPU
+  c.model.dtype = placeholder(str)  # compute dtype; overlay: float32 on CPU, bfloat16 on GPU/TPU
   c.model.param_dtype = "float32"  # master weights stay float32
   c.model.scan_layers = True
-  c.model.attention_impl = None  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
+  c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
   c.model.moe_impl = "ragged"
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_path = None  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA
-  c.data.eval_path = None
+  c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA
+  c.data.eval_path = placeholder(str)
   c.data.batch_size = 16 if tiny else 64
   c.data.max_length = 128 if tiny else 4096
   c.data.max_patches = 512 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
@@ -62,7 +65,7 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.checkpoint_every = 200 if tiny else 1000
   c.train.keep_checkpoints = 2
-  c.train.peak_tflops = None  # for the MFU estimate; None = from the device kind when known
+  c.train.peak_tflops = placeholder(float)  # for the MFU estimate; None = from the device kind when known
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
   return c
