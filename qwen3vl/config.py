@@ -84,6 +84,9 @@ class ModelConfig:
   scan_layers: bool = True
   attention_impl: str | None = None  # None: kernels.attention picks (see kernels/attention.py)
   moe_impl: str = "ragged"  # "ragged" (jax.lax.ragged_dot, dropless) or "dense" (reference, all experts)
+  # > 0: vision attention through kernels.block_sparse_attention over the per-image block layout, so packed images
+  # cost the sum of their squared lengths (in blocks of this many patches); 0: kernels.attention with segment ids.
+  vision_block_size: int = 128
 
   @property
   def model_type(self) -> str:
@@ -117,6 +120,7 @@ class ModelConfig:
       _check(len(kinds) == 1, "text.mlp_only_layers / decoder_sparse_step",
              "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
+    _check(self.vision_block_size >= 0, "vision_block_size", f"{self.vision_block_size} must be >= 0")
     return self
 
   # ---------------------------------------------------------------------------------------------- dicts

@@ -219,3 +219,12 @@ def test_config_validation_names_the_field():
     dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, mrope_section=(8, 8, 8))).validate()
   with pytest.raises(ValueError, match=r"unknown text config field\(s\) \['hiden_size'\]"):
     ModelConfig.from_dict({"text": {"hiden_size": 3}})
+
+
+def test_block_sparse_vision_attention_equals_segment_attention(inputs, loaded):
+  """vision_block_size > 0 routes the tower through kernels.block_sparse_attention over the per-image layout."""
+  dense, sparse = loaded("dense", vision_block_size=0), loaded("dense", vision_block_size=32)
+  x = _prepare(dense, inputs)
+  run = nnx.jit(lambda m, p, g: m.visual(p, g))
+  for a, b in zip(run(dense, x.pixel_values, x.vision), run(sparse, x.pixel_values, x.vision)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -2,7 +2,8 @@
 
 All images and video frames of a batch are packed into one sequence of patches [N, patch_dim] in
 merge-window-major order. Attention is restricted to one image / one temporal patch of a video through
-segment ids (never a dense mask over the whole batch). Everything that depends on the grid values (position
+segment ids (never a dense mask over the whole batch); with `vision_block_size > 0` it runs as block-sparse
+attention over the per-image block layout, so compute too grows with the sum of squared image lengths. Everything that depends on the grid values (position
 embedding taps, rotary coordinates, segment ids) is computed on the host by `vision_geometry`, so the
 device function has static shapes. The blocks are one stacked module; DeepStack taps split the scan into
 segments at `deepstack_visual_indexes` rather than carrying copies of the hidden state through it.
@@ -86,16 +87,21 @@ class VisionBlock(nnx.Module):
     self.fc1 = Linear(d, v.intermediate_size, ("embed", "mlp"), bias=True, **kw)
     self.fc2 = Linear(v.intermediate_size, d, ("mlp", "embed"), bias=True, **kw)
     self.num_heads, self.attention_impl = v.num_heads, cfg.attention_impl
+    self.block_size = cfg.vision_block_size
 
-  def __call__(self, x, cos, sin, segment_ids):
+  def __call__(self, x, cos, sin, segment_ids, layout=None):
     n, d = x.shape
     qkv = self.qkv(self.norm1(x)).reshape(n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     # RoPE in float32, cast back (as HF's apply_rotary_pos_emb_vision).
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-    o = kernels.attention(q[None], k[None], v[None], segment_ids=segment_ids[None],
-                          implementation=self.attention_impl)[0]
+    if layout is None:
+      o = kernels.attention(q[None], k[None], v[None], segment_ids=segment_ids[None],
+                            implementation=self.attention_impl)[0]
+    else:  # only the blocks that hold patches of one image are computed
+      o = kernels.block_sparse_attention(q[None], k[None], v[None], layout, block_size=self.block_size,
+                                         segment_ids=segment_ids[None], implementation=self.attention_impl)[0]
     x = x + self.proj(o.reshape(n, d))
     return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True))
 
@@ -129,7 +135,7 @@ class VisionTower(nnx.Module):
     self.deepstack_mergers = nnx.List([PatchMerger(cfg, postshuffle=True, rngs=rngs)
                                        for _ in v.deepstack_visual_indexes])
     self.cfg = v
-    self.scan, self.dtype = cfg.scan_layers, cfg.dtype
+    self.scan, self.dtype, self.block_size = cfg.scan_layers, cfg.dtype, cfg.vision_block_size
 
   def __call__(self, pixels: jax.Array, geometry: VisionGeometry):
     """pixels [N, patch_dim] -> (merged [N/4, out], deepstack [levels, N/4, out])."""
@@ -138,9 +144,13 @@ class VisionTower(nnx.Module):
     pos = (jnp.take(table, geometry.pos_index, axis=0) * geometry.pos_weight[..., None]).sum(1)
     x = x + pos.astype(x.dtype)
     cos, sin = rope.vision_cos_sin(geometry.rowcol, self.cfg.head_dim, self.cfg.rope_theta)
+    layout = None
+    if self.block_size:
+      seg = geometry.segment_ids[None]
+      layout = kernels.segment_layout(seg, seg, self.block_size)[0]
 
     def body(block, h, _):
-      return block(h, cos, sin, geometry.segment_ids), None
+      return block(h, cos, sin, geometry.segment_ids, layout), None
 
     taps, start = [], 0
     for stop in [i + 1 for i in self.cfg.deepstack_visual_indexes] + [self.cfg.depth]:
@@ -149,5 +159,6 @@ class VisionTower(nnx.Module):
       taps.append(x)
       start = stop
     deepstack = [m(t) for m, t in zip(self.deepstack_mergers, taps)]
-    deepstack = jnp.stack(deepstack) if deepstack else jnp.zeros((0, x.shape[0] // 4, self.cfg.out_hidden_size))
-    return self.merger(x), deepstack
+    merged = self.merger(x)
+    deepstack = jnp.stack(deepstack) if deepstack else jnp.zeros((0,) + merged.shape, merged.dtype)
+    return merged, deepstack
