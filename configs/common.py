@@ -24,7 +24,8 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights stay float32
   c.model.scan_layers = True
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
-  c.model.moe_impl = "ragged"
+  c.model.moe_impl = "ragged"  # or "dense" (every expert on every token: the reference)
+  c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA

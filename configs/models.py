@@ -50,7 +50,7 @@ PRESETS = {
 PRESETS["tiny_moe"] = dict(PRESETS["tiny"], text=dict(PRESETS["tiny"]["text"], **_moe(8, 2, 64)))
 
 
-_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl")
+_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -33,7 +33,7 @@ from qwen3vl.train.metrics import MetricsWriter
 from qwen3vl.train.optim import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
-_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl")
+_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
