@@ -8,7 +8,7 @@ Values are those of the released config.json files (see shared/spec/qwen3vl.md, 
 """
 import ml_collections
 
-from qwen3vl.config import ModelConfig
+from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
 
 _VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
                   deepstack_visual_indexes=(5, 11, 17))  # 2B, 4B
@@ -50,12 +50,9 @@ PRESETS = {
 PRESETS["tiny_moe"] = dict(PRESETS["tiny"], text=dict(PRESETS["tiny"]["text"], **_moe(8, 2, 64)))
 
 
-_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
-
-
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   """Every architecture field of the preset (defaults filled in), so each can be overridden by name."""
   if arg not in PRESETS:
     raise ValueError(f"unknown model preset {arg!r}; choose one of {sorted(PRESETS)}")
   full = ModelConfig.from_dict(PRESETS[arg]).to_dict()
-  return ml_collections.ConfigDict({k: v for k, v in full.items() if k not in _RUNTIME})
+  return ml_collections.ConfigDict({k: v for k, v in full.items() if k not in RUNTIME_FIELDS})

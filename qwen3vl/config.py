@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+# ModelConfig fields that are runtime switches, not architecture (never written to config.json).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
 
 
 @dataclasses.dataclass(frozen=True)

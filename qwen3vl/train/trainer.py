@@ -7,10 +7,8 @@ and the loader position; SIGTERM / Ctrl-C save before exiting, and a restarted r
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import logging
 import os
 import signal
 import time
@@ -22,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3vl import hardware, hf
-from qwen3vl.config import ModelConfig
+from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
 from qwen3vl.data.packing import Packer, to_model_inputs
 from qwen3vl.data.tokenizer import Tokenizer
@@ -32,19 +30,17 @@ from qwen3vl.train.checkpoint import Checkpointer
 from qwen3vl.train.metrics import MetricsWriter
 from qwen3vl.train.optim import make_optimizer, schedule
 
-log = logging.getLogger(__name__)
-_RUNTIME = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
 def model_config(config, tokenizer: Tokenizer) -> ModelConfig:
   """The model's config: from `init_from_hf`'s config.json, or the preset; token ids must agree with the
   tokenizer (an error names the field otherwise)."""
-  runtime = {k: config.model[k] for k in _RUNTIME}
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
   if config.init_from_hf:
     cfg = ModelConfig.from_pretrained(config.init_from_hf, **runtime)
   else:
-    fields = {k: v for k, v in config.model.to_dict().items() if k not in _RUNTIME}
+    fields = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_FIELDS}
     cfg = ModelConfig.from_dict({**fields, **runtime})
   ids = tokenizer.special_ids
   for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -58,12 +54,16 @@ def model_config(config, tokenizer: Tokenizer) -> ModelConfig:
 
 def validate(config):
   c = config
-  for name, ok in (("train.steps", c.train.steps > 0), ("train.eval_every", c.train.eval_every > 0),
-                   ("data.batch_size", c.data.batch_size > 0), ("data.max_length", c.data.max_length > 1),
-                   ("data.max_patches", c.data.max_patches % 4 == 0 and c.data.max_patches >= 0),
-                   ("optim.lr", c.optim.lr > 0), ("optim.grad_accum", c.optim.grad_accum >= 1)):
+  for name, value, ok in (
+      ("train.steps", c.train.steps, c.train.steps > 0),
+      ("train.eval_every", c.train.eval_every, c.train.eval_every > 0),
+      ("data.batch_size", c.data.batch_size, c.data.batch_size > 0),
+      ("data.max_length", c.data.max_length, c.data.max_length > 1),
+      ("data.max_patches", c.data.max_patches, c.data.max_patches % 4 == 0 and c.data.max_patches >= 0),
+      ("optim.lr", c.optim.lr, c.optim.lr > 0),
+      ("optim.grad_accum", c.optim.grad_accum, c.optim.grad_accum >= 1)):
     if not ok:
-      raise ValueError(f"invalid config field {name}: {eval('c.' + name)!r}")
+      raise ValueError(f"invalid config field {name}: {value!r}")
   unknown = set(c.optim.lr_mult) - {"vision", "merger", "llm"}
   if unknown:
     raise ValueError(f"invalid config field optim.lr_mult: unknown groups {sorted(unknown)}")
@@ -168,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.tokenizer else Tokenizer.builtin()
   cfg = model_config(config, tokenizer)
   if config.init_from_hf:
-    model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in _RUNTIME})
+    model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
   else:
     model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
   graphdef, state = nnx.split(model)
