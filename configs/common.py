@@ -24,15 +24,15 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights stay float32
   c.model.scan_layers = True
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
-  c.model.moe_impl = "ragged"  # or "dense" (every expert on every token: the reference)
+  c.model.moe_impl = placeholder(str)  # ragged (grouped matmul) or dense (all experts); overlay: dense on CPU
   c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA
   c.data.eval_path = placeholder(str)
-  c.data.batch_size = 16 if tiny else 64
+  c.data.batch_size = 8 if tiny else 64  # tiny: small batches learn the synthetic set fastest per second
   c.data.max_length = 128 if tiny else 4096
-  c.data.max_patches = 512 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
+  c.data.max_patches = 768 if tiny else 64 * 4096  # vision patches per batch (fixed shape)
   c.data.pack = True
   c.data.image_size = 64  # synthetic images (pixels)
   c.data.synthetic_train_size = 20000
@@ -60,11 +60,11 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.loss.vocab_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size (saves logits memory)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 400 if tiny else 10000
-  c.train.eval_every = 100 if tiny else 1000
+  c.train.steps = 1500 if tiny else 10000
+  c.train.eval_every = 250 if tiny else 1000
   c.train.eval_batches = 16 if tiny else 50
   c.train.log_every = 10
-  c.train.checkpoint_every = 200 if tiny else 1000
+  c.train.checkpoint_every = 500 if tiny else 1000
   c.train.keep_checkpoints = 2
   c.train.peak_tflops = placeholder(float)  # for the MFU estimate; None = from the device kind when known
 

@@ -37,13 +37,15 @@ PRESETS = {
                       num_key_value_heads=4, intermediate_size=6144, **_moe(128, 8, 768)),
     "235b_a22b": _model(_VIT_LARGE, False, hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
                         num_key_value_heads=4, intermediate_size=12288, **_moe(128, 8, 1536)),
-    # Tiny models for CPU, sized for the built-in byte-level tokenizer (qwen3vl/data/tokenizer.py: 256 bytes,
-    # then the Qwen special tokens from id 256, vocab padded to 320).
+    # Tiny models for CPU, sized for the built-in tokenizer (qwen3vl/data/tokenizer.py: 256 bytes, the Qwen
+    # special tokens from id 256, then merges; 512 ids). rope_theta 1e4 suits their short contexts: with the
+    # released 5e6 and head_dim 32, neighbouring image tokens' MRoPE angles differ by at most 0.15 rad.
     "tiny": dict(
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
                     num_position_embeddings=256, deepstack_visual_indexes=(0,)),
-        text=dict(vocab_size=320, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, intermediate_size=256, mrope_section=(8, 4, 4)),
+        text=dict(vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=256, mrope_section=(8, 4, 4),
+                  rope_theta=10_000.0),
         tie_word_embeddings=True, image_token_id=262, video_token_id=263, vision_start_token_id=259,
         vision_end_token_id=260),
 }

@@ -52,26 +52,40 @@ def xla_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=Non
 
 # ----------------------------------------------------------------------------- layout helpers
 
-def _blocks(x, block):
-  """[B, L, ...] -> [L_pad // block, B, block, ...], zero-padding L up to a block multiple."""
-  pad = -x.shape[1] % block
-  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  x = x.reshape(x.shape[0], -1, block, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+def _blocks(x, block, axis=1):
+  """Splits `axis` (length L) into blocks and moves the block index first: [..., L, ...] ->
+  [L_pad // block, ..., block, ...], zero-padding L up to a block multiple."""
+  pad = -x.shape[axis] % block
+  x = jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
+  x = x.reshape(*x.shape[:axis], -1, block, *x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
 
 
-def _unblocks(x, length):
-  """Inverse of ``_blocks``: [N, B, block, ...] -> [B, length, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+def _unblocks(x, length, axis=1):
+  """Inverse of ``_blocks``."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+  return lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _heads_major(x, hkv):
+  """[B, L, H, D] -> [B, Hkv, G, L, D] (G = H // Hkv): every matmul below is then a plain batched matmul over
+  (B, Hkv) with contiguous free dims; XLA:CPU runs the [B, L, H, D] layout's 5-D einsums ~3x slower."""
+  b, l, h, d = x.shape
+  return jnp.transpose(x.reshape(b, l, hkv, h // hkv, d), (0, 2, 3, 1, 4))
+
+
+def _tokens_major(x):
+  """Inverse of ``_heads_major``: [B, Hkv, G, L, D] -> [B, L, H, D]."""
+  b, hkv, g, l, d = x.shape
+  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, l, hkv * g, d)
 
 
 def _prepare(cfg, q, k, v, segs):
-  """Blocks everything; q gets a GQA group axis: [nq, B, bq, Hkv, G, D]."""
-  b, _, hq, d = q.shape
+  """Blocks everything, heads-major: q [nq, B, Hkv, G, bq, D], k and v [nk, B, Hkv, bk, D]."""
   hkv = k.shape[2]
-  qb = _blocks(q.reshape(b, cfg.lq, hkv, hq // hkv, d), cfg.bq)
-  kb, vb = _blocks(k, cfg.bk), _blocks(v, cfg.bk)
+  qb = _blocks(_heads_major(q, hkv), cfg.bq, axis=3)
+  kb, vb = (_blocks(_heads_major(x, hkv)[:, :, 0], cfg.bk, axis=2) for x in (k, v))
   iq = jnp.arange(qb.shape[0] * cfg.bq).reshape(-1, cfg.bq)  # [nq, bq]; rows >= lq are padding
   ik = jnp.arange(kb.shape[0] * cfg.bk).reshape(-1, cfg.bk)  # [nk, bk]; cols >= lk are padding
   qseg, kseg = (None, None) if segs is None else (_blocks(segs[0], cfg.bq), _blocks(segs[1], cfg.bk))
@@ -80,7 +94,7 @@ def _prepare(cfg, q, k, v, segs):
 
 def _scores(cfg, q, k, qmeta, kmeta):
   """Scaled float32 scores [B, Hkv, G, bq, bk] with -inf where masked."""
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=F32) * cfg.scale
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=F32) * cfg.scale
   (iq, qseg), (ik, kseg) = qmeta, kmeta
   qpos = iq + (cfg.lk - cfg.lq)  # queries are the last lq positions
   mask = (iq < cfg.lq)[:, None] & (ik < cfg.lk)[None, :]
@@ -113,7 +127,7 @@ def _forward(cfg, q, k, v, segs):
 
   def one_q_block(args):
     q_blk, qm = args
-    b, bq, h, g, d = q_blk.shape
+    b, h, g, bq, d = q_blk.shape
 
     def kv_step(carry, xs):
       m, l, acc = carry
@@ -124,7 +138,7 @@ def _forward(cfg, q, k, v, segs):
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + p.sum(-1)
-      pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
+      pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
       return (m_new, l, alpha[..., None] * acc + pv), None
 
     init = (jnp.full((b, h, g, bq), NEG_INF, F32), jnp.zeros((b, h, g, bq), F32), jnp.zeros((b, h, g, bq, d), F32))
@@ -132,10 +146,10 @@ def _forward(cfg, q, k, v, segs):
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]  # no visible key -> 0, not NaN
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-    return jnp.moveaxis(out, 3, 1).astype(q.dtype), lse  # out [B, bq, Hkv, G, D]
+    return out.astype(q.dtype), lse  # out [B, Hkv, G, bq, D]
 
   out, lse = _map(one_q_block, (qb, qmeta))
-  return _unblocks(out, cfg.lq).reshape(q.shape), lse  # lse stays blocked: [nq, B, Hkv, G, bq]
+  return _tokens_major(_unblocks(out, cfg.lq, axis=3)), lse  # lse stays blocked: [nq, B, Hkv, G, bq]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -148,15 +162,15 @@ def _flash_fwd(cfg, q, k, v, segs):
 def _flash_bwd(cfg, res, dout):
   q, k, v, segs, out, lse = res
   qb, kb, vb, qmeta, kmeta = _prepare(cfg, q, k, v, segs)
-  b, _, hq, d = q.shape
   hkv = k.shape[2]
-  dob = _blocks(dout.reshape(b, cfg.lq, hkv, hq // hkv, d), cfg.bq)
-  delta = jnp.einsum("bqhd,bqhd->bqh", dout, out, preferred_element_type=F32)  # rowsum(dO * O)
-  delta = jnp.moveaxis(_blocks(delta.reshape(b, cfg.lq, hkv, hq // hkv), cfg.bq), 2, -1)  # like lse
+  do_hm = _heads_major(dout, hkv)
+  dob = _blocks(do_hm, cfg.bq, axis=3)
+  delta = jnp.einsum("bhgqd,bhgqd->bhgq", do_hm, _heads_major(out, hkv), preferred_element_type=F32)
+  delta = _blocks(delta, cfg.bq, axis=3)  # rowsum(dO * O), blocked like lse
 
   def probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km):
     p = jnp.exp(_scores(cfg, q_blk, k_blk, qm, km) - lse_blk[..., None])
-    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=F32)
+    dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, preferred_element_type=F32)
     return p, p * (dp - delta_blk[..., None])
 
   def dq_for_q_block(args):  # pass 1: dq, scanning kv blocks
@@ -165,7 +179,7 @@ def _flash_bwd(cfg, res, dout):
     def step(acc, xs):
       k_blk, v_blk, km = xs
       _, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
-      return acc + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32), None
+      return acc + jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32), None
 
     acc, _ = _scan(step, jnp.zeros(q_blk.shape, F32), (kb, vb, kmeta))
     return (acc * cfg.scale).astype(q.dtype)
@@ -177,8 +191,8 @@ def _flash_bwd(cfg, res, dout):
       dk, dv = carry
       q_blk, do_blk, lse_blk, delta_blk, qm = xs
       p, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
-      dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
-      dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
+      dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
+      dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
       return (dk, dv), None
 
     zeros = jnp.zeros(k_blk.shape, F32)
@@ -187,8 +201,9 @@ def _flash_bwd(cfg, res, dout):
 
   dq = _map(dq_for_q_block, (qb, dob, lse, delta, qmeta))
   dk, dv = _map(dkv_for_kv_block, (kb, vb, kmeta))
-  dq = _unblocks(dq, cfg.lq).reshape(q.shape)
-  return dq, _unblocks(dk, cfg.lk), _unblocks(dv, cfg.lk), None
+  dq = _tokens_major(_unblocks(dq, cfg.lq, axis=3))
+  dk, dv = (jnp.swapaxes(_unblocks(x, cfg.lk, axis=2), 1, 2) for x in (dk, dv))  # [B, Hkv, L, D] -> [B, L, Hkv, D]
+  return dq, dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

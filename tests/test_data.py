@@ -34,7 +34,7 @@ def _builder(max_length=256, **kw):
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 def test_builtin_tokenizer_round_trip_and_special_tokens(tmp_path):
-    assert (TOK.num_tokens, TOK.vocab_size) == (264, 320)
+    assert (TOK.num_tokens, TOK.vocab_size) == (512, 512)
     names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
              "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
     assert [TOK.token_id(n) for n in names] == list(range(256, 264))
@@ -45,11 +45,14 @@ def test_builtin_tokenizer_round_trip_and_special_tokens(tmp_path):
              "".join(chr(c) for c in rng.integers(32, 0x2FFF, 300) if not 0xD800 <= c < 0xE000)]
     for t in texts:
         ids = TOK.encode(t)
-        assert max(ids, default=0) < 256 and TOK.decode(ids) == t
-        assert ids == list(t.encode("utf-8"))  # id = byte
+        assert TOK.decode(ids) == t and not set(ids) & set(range(256, 264))  # no text becomes a special token
+        assert len(ids) <= len(t.encode("utf-8"))
+    assert TOK.encode("\x00\xff") == [0, 195, 191]  # id b is byte b (UTF-8 of U+00FF is C3 BF)
+    question = TOK.encode("How many squares are there?")
+    assert len(question) == 6 and TOK.decode(question[2:3]) == " squares"  # merges make words single tokens
     t = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi é<|im_end|>\n"
     ids = TOK.encode(t)
-    assert ids[:3] == [257] + list(b"user")[:2] and 262 in ids and ids.count(258) == 1
+    assert ids[0] == 257 and TOK.decode(ids[1:2]) == "user" and 262 in ids and ids.count(258) == 1
     assert TOK.decode(ids) == t
     assert TOK.decode(ids, skip_special_tokens=True) == "user\nHi é\n"
     TOK.save(tmp_path / "tokenizer.json")
@@ -57,6 +60,12 @@ def test_builtin_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert again.encode(t) == ids and again.special_ids == IDS
     with pytest.raises(KeyError):
         TOK.token_id("<think>")
+
+
+def test_builtin_tokenizer_file_is_what_the_script_builds():
+    from qwen3vl.tools import make_builtin_tokenizer
+    with open(make_builtin_tokenizer.BUILTIN_PATH, encoding="utf-8") as f:
+        assert f.read() == make_builtin_tokenizer.build()
 
 
 # ------------------------------------------------------------------------------------------------ synthetic
@@ -241,12 +250,12 @@ def test_packing_layout(jsonl):
     samples = _samples(9)
     samples.insert(2, _video_sample(jsonl))
     samples.insert(7, _builder()(JsonlSource(jsonl)[1]))
-    packer = Packer(batch_size=4, max_length=200, max_patches=1024, pad_id=IDS["pad"], num_position_embeddings=NPE)
+    packer = Packer(batch_size=4, max_length=90, max_patches=1024, pad_id=IDS["pad"], num_position_embeddings=NPE)
     batches = packer.pack_all(samples)
-    assert len(batches) == 1  # 11 samples, ~60-130 tokens each, fit 4 rows of 200
+    assert len(batches) == 1  # 11 samples, ~20-60 tokens each, fit 4 rows of 90
     b = batches[0]
     assert set(b) == set(BATCH_KEYS)
-    B, L, P = 4, 200, 1024
+    B, L, P = 4, 90, 1024
     assert b["input_ids"].shape == (B, L) and b["positions"].shape == (3, B, L)
     assert b["pixel_values"].shape == (P, 1536) and b["vision_pos_index"].shape == (P, 4)
     placed = []  # (row, segment) -> sample, in first-fit order
@@ -318,7 +327,7 @@ def test_unpacked_and_budgets():
     packer = Packer(batch_size=2, max_length=128, max_patches=32, pad_id=IDS["pad"], num_position_embeddings=NPE)
     assert [batch_stats(b)["samples"] for b in packer.pack_all(samples)] == [2, 2, 1]  # patch budget closes
     assert packer.too_big(samples[0]) is None
-    assert Packer(2, 32, 32).too_big(samples[0]) == "too_long"
+    assert Packer(2, 16, 32).too_big(samples[0]) == "too_long"
     assert Packer(2, 128, 8).too_big(samples[0]) == "too_many_patches"
     with pytest.raises(ValueError):
         Packer(2, 128, 10)  # not a multiple of merge_size**2

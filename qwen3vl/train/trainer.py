@@ -21,9 +21,12 @@ from flax import nnx
 
 from qwen3vl import hardware, hf
 from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
+from qwen3vl.data.datasets import SampleBuilder
+from qwen3vl.data.image import ImageProcessor
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
 from qwen3vl.data.packing import Packer, to_model_inputs
 from qwen3vl.data.tokenizer import Tokenizer
+from qwen3vl.data.video import VideoProcessor
 from qwen3vl.model.vlm import Qwen3VL
 from qwen3vl.train import losses
 from qwen3vl.train.checkpoint import Checkpointer
@@ -73,10 +76,12 @@ def validate(config):
 
 
 def make_loaders(config, tokenizer, model_cfg):
-  d = config.data
-  packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=d.pack, tokenizer=tokenizer,
-                  min_pixels=d.min_pixels, max_pixels=d.max_pixels, merge_size=model_cfg.vision.spatial_merge_size,
-                  num_position_embeddings=model_cfg.vision.num_position_embeddings)
+  d, v = config.data, model_cfg.vision
+  geometry = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+  builder = SampleBuilder(tokenizer, max_length=d.max_length, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                          image_processor=ImageProcessor(**geometry), video_processor=VideoProcessor(**geometry))
+  packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=d.pack, builder=builder,
+                  merge_size=v.spatial_merge_size, num_position_embeddings=v.num_position_embeddings)
   if d.train_path:
     train_src = JsonlSource(d.train_path)
     eval_src = JsonlSource(d.eval_path) if d.eval_path else None
@@ -166,7 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"platform: {platform} ({jax.devices()[0].device_kind}); resolved config:\n{config}", flush=True)
 
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.tokenizer else Tokenizer.builtin()
+  tokenizer.save(os.path.join(workdir, "tokenizer.json"))  # the work directory is self-contained for infer.py
   cfg = model_config(config, tokenizer)
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
   if config.init_from_hf:
     model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
   else:
@@ -231,8 +239,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     loader.close()
     ckpt.close()
-  with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
   return last_eval
 
 
