@@ -34,7 +34,7 @@ class _Cfg(NamedTuple):
 
 
 def xla_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None,
-                  q_block=512, kv_block=512):
+                  q_block=256, kv_block=256):
   """Attention over [batch, length, heads, head_dim]; see ``kernels.attention`` for the argument contract.
 
   ``segment_ids`` is None, one [B, L] array (Lq == Lk) or a (q_ids [B, Lq], kv_ids [B, Lk]) pair. Unlike the
@@ -120,13 +120,52 @@ def _map(fn, xs):
   return _scan(lambda _, x: (None, fn(x)), None, xs)[1]
 
 
+# Causal attention over a few query blocks unrolls the loop over them in Python, so each block's kv scan stops at
+# the last block it can see: at 4 blocks that is 10 of 16 block pairs (fwd+bwd at L 512: 154 -> 118 ms on CPU).
+_UNROLL = 16
+
+
+def _skips(cfg, nq: int) -> bool:
+  return cfg.causal and 1 < nq <= _UNROLL
+
+
+def _kv_stop(cfg, i: int, nk: int) -> int:
+  """Number of kv blocks query block i can see under the causal mask (queries are the last lq positions)."""
+  last = cfg.lk - cfg.lq + min((i + 1) * cfg.bq, cfg.lq) - 1
+  return min(nk, last // cfg.bk + 1)
+
+
+def _take(xs, start, stop):
+  return jax.tree.map(lambda x: x[start:stop], xs)
+
+
+def _stack(outs):
+  return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+
+def _over_q_blocks(cfg, fn, qs, kv):
+  """[fn(*query block i of qs, the kv blocks it can see) for each i], stacked."""
+  nq, nk = jax.tree.leaves(qs)[0].shape[0], jax.tree.leaves(kv)[0].shape[0]
+  if not _skips(cfg, nq):
+    return _map(lambda x: fn(*x, kv), qs)
+  return _stack([fn(*jax.tree.map(lambda x: x[i], qs), _take(kv, 0, _kv_stop(cfg, i, nk))) for i in range(nq)])
+
+
+def _over_kv_blocks(cfg, fn, kvs, qs):
+  """[fn(*kv block j of kvs, the query blocks that see it) for each j], stacked."""
+  nk, nq = jax.tree.leaves(kvs)[0].shape[0], jax.tree.leaves(qs)[0].shape[0]
+  if not _skips(cfg, nq):
+    return _map(lambda x: fn(*x, qs), kvs)
+  firsts = [next(i for i in range(nq) if _kv_stop(cfg, i, nk) > j) for j in range(nk)]
+  return _stack([fn(*jax.tree.map(lambda x: x[j], kvs), _take(qs, firsts[j], nq)) for j in range(nk)])
+
+
 # ----------------------------------------------------------------------------- forward
 
 def _forward(cfg, q, k, v, segs):
   qb, kb, vb, qmeta, kmeta = _prepare(cfg, q, k, v, segs)
 
-  def one_q_block(args):
-    q_blk, qm = args
+  def one_q_block(q_blk, qm, kv):
     b, h, g, bq, d = q_blk.shape
 
     def kv_step(carry, xs):
@@ -142,13 +181,13 @@ def _forward(cfg, q, k, v, segs):
       return (m_new, l, alpha[..., None] * acc + pv), None
 
     init = (jnp.full((b, h, g, bq), NEG_INF, F32), jnp.zeros((b, h, g, bq), F32), jnp.zeros((b, h, g, bq, d), F32))
-    (m, l, acc), _ = _scan(kv_step, init, (kb, vb, kmeta))
+    (m, l, acc), _ = _scan(kv_step, init, kv)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]  # no visible key -> 0, not NaN
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return out.astype(q.dtype), lse  # out [B, Hkv, G, bq, D]
 
-  out, lse = _map(one_q_block, (qb, qmeta))
+  out, lse = _over_q_blocks(cfg, one_q_block, (qb, qmeta), (kb, vb, kmeta))
   return _tokens_major(_unblocks(out, cfg.lq, axis=3)), lse  # lse stays blocked: [nq, B, Hkv, G, bq]
 
 
@@ -173,19 +212,17 @@ def _flash_bwd(cfg, res, dout):
     dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, preferred_element_type=F32)
     return p, p * (dp - delta_blk[..., None])
 
-  def dq_for_q_block(args):  # pass 1: dq, scanning kv blocks
-    q_blk, do_blk, lse_blk, delta_blk, qm = args
+  def dq_for_q_block(q_blk, do_blk, lse_blk, delta_blk, qm, kv):  # pass 1: dq, scanning kv blocks
 
     def step(acc, xs):
       k_blk, v_blk, km = xs
       _, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
       return acc + jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32), None
 
-    acc, _ = _scan(step, jnp.zeros(q_blk.shape, F32), (kb, vb, kmeta))
+    acc, _ = _scan(step, jnp.zeros(q_blk.shape, F32), kv)
     return (acc * cfg.scale).astype(q.dtype)
 
-  def dkv_for_kv_block(args):  # pass 2: dk and dv, scanning q blocks
-    k_blk, v_blk, km = args
+  def dkv_for_kv_block(k_blk, v_blk, km, qs):  # pass 2: dk and dv, scanning q blocks
 
     def step(carry, xs):
       dk, dv = carry
@@ -196,11 +233,12 @@ def _flash_bwd(cfg, res, dout):
       return (dk, dv), None
 
     zeros = jnp.zeros(k_blk.shape, F32)
-    (dk, dv), _ = _scan(step, (zeros, zeros), (qb, dob, lse, delta, qmeta))
+    (dk, dv), _ = _scan(step, (zeros, zeros), qs)
     return (dk * cfg.scale).astype(k.dtype), dv.astype(v.dtype)
 
-  dq = _map(dq_for_q_block, (qb, dob, lse, delta, qmeta))
-  dk, dv = _map(dkv_for_kv_block, (kb, vb, kmeta))
+  qs = (qb, dob, lse, delta, qmeta)
+  dq = _over_q_blocks(cfg, dq_for_q_block, qs, (kb, vb, kmeta))
+  dk, dv = _over_kv_blocks(cfg, dkv_for_kv_block, (kb, vb, kmeta), qs)
   dq = _tokens_major(_unblocks(dq, cfg.lq, axis=3))
   dk, dv = (jnp.swapaxes(_unblocks(x, cfg.lk, axis=2), 1, 2) for x in (dk, dv))  # [B, Hkv, L, D] -> [B, L, Hkv, D]
   return dq, dk, dv, None

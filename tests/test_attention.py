@@ -100,6 +100,19 @@ def test_blockwise_matches_dense(name):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5, err_msg=f"d{arg}")
 
 
+@pytest.mark.parametrize("block", [4, 16])  # 10 query blocks: the scanned path; 3: unrolled, masked blocks skipped
+def test_causal_block_skipping_matches_dense(block):
+  q, k, v, ct = _inputs(2, 37, 37, 4, 2, 32, seed=3)
+  segs = (SEG37, SEG37)
+  fn = lambda q, k, v: xla_attention(q, k, v, causal=True, segment_ids=segs, q_block=block, kv_block=block)
+  out, grads = _value_and_grads(fn, ct)(q, k, v)
+  mask = _mask(2, 37, 37, True, None, segs)
+  np.testing.assert_allclose(out, _dense_np(q, k, v, mask, 32 ** -0.5), rtol=1e-5, atol=2e-6)
+  _, want = _value_and_grads(lambda q, k, v: _dense_jnp(q, k, v, mask, 32 ** -0.5), ct)(q, k, v)
+  for got, ref, arg in zip(grads, want, "qkv"):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-5, err_msg=f"d{arg}")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_entry_point_single_block(causal):
   """Default block sizes (one block), public API, single-array segment_ids."""
