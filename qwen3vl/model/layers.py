@@ -22,6 +22,12 @@ def param(rngs: nnx.Rngs, shape, axes: Axes, dtype, init=_default_init) -> nnx.P
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] @ w [in, out] as one 2-D matmul: XLA:CPU runs the [B, L, in] batched form of a SwiGLU MLP's
+  forward and backward 1.8x slower than the flattened one (same FLOPs); other backends see the same dot."""
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] in param dtype, computed in the activation dtype."""
 
@@ -31,8 +37,7 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    y = x @ self.kernel[...].astype(self.dtype)
+    y = _matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -79,4 +84,4 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+    return _matmul_2d(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
