@@ -65,12 +65,10 @@ class Qwen3VL(nnx.Module):
     cfg, t = self.config, self.config.text
     x, deepstack = self.embed_inputs(inputs)
     cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
-    levels = 0 if deepstack is None else deepstack.shape[0]
 
     def body(layer, h, i):
-      h, router_logits = layer(h, cos, sin, inputs.segment_ids)
-      if levels:
-        h = h + jnp.where(i < levels, deepstack[jnp.minimum(i, levels - 1)], jnp.zeros((), h.dtype))
+      h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
+      h = _add_deepstack(h, deepstack, i)
       return h, (router_logits, h if return_hidden_states else None)
 
     x, (router_logits, hidden) = run_stack(self.layers, body, x, jnp.arange(t.num_hidden_layers),
@@ -81,8 +79,46 @@ class Qwen3VL(nnx.Module):
       extras["hidden_states"] = hidden
     if return_hidden:
       return x, extras
+    return self.logits(x), extras
+
+  def logits(self, x):
+    """Final-normed hidden states -> float32 logits (tied embedding or LM head)."""
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits.astype(jnp.float32), extras
+    return logits.astype(jnp.float32)
+
+  # ------------------------------------------------------------------------------------- generation (device)
+  def prefill(self, inputs: ModelInputs, cache_size: int):
+    """Runs a left-padded prompt [B, L] and returns (last-position logits [B, V], KV cache (k, v) of
+    [layers, B, cache_size, Hkv, D] in the compute dtype, slots 0..L-1 filled)."""
+    t = self.config.text
+    x, deepstack = self.embed_inputs(inputs)
+    b = x.shape[0]
+    cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
+    shape = (t.num_hidden_layers, b, cache_size, t.num_key_value_heads, t.head_dim)
+    empty = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+
+    def body(layer, h, xs):
+      i, k, v = xs
+      h, _, kv = layer(h, cos, sin, inputs.segment_ids, (k, v, 0, None))
+      return _add_deepstack(h, deepstack, i), kv
+
+    x, cache = run_stack(self.layers, body, x, (jnp.arange(t.num_hidden_layers),) + empty,
+                         scan=self.config.scan_layers)
+    return self.logits(self.norm(x[:, -1:]))[:, 0], cache
+
+  def decode_step(self, token_ids, positions, cache, index, kv_valid):
+    """One new token per row: token_ids [B, 1] at positions [3, B, 1], written at cache slot `index` (a traced
+    scalar); kv_valid [B, S] marks the slots it may attend to. Returns (logits [B, V], updated cache)."""
+    t = self.config.text
+    x = self.embed(token_ids)
+    cos, sin = rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
+
+    def body(layer, h, kv):
+      h, _, kv = layer(h, cos, sin, None, kv + (index, kv_valid))
+      return h, kv
+
+    x, cache = run_stack(self.layers, body, x, cache, scan=self.config.scan_layers)
+    return self.logits(self.norm(x))[:, 0], cache
 
   # ---------------------------------------------------------------------------------------------- host side
   def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -94,6 +130,14 @@ class Qwen3VL(nnx.Module):
     graphdef, state = nnx.split(self)
     logits, _ = _jit_forward(graphdef, state, inputs)
     return logits
+
+
+def _add_deepstack(h, deepstack, i):
+  """After decoder layer i < levels, add DeepStack level i (zeros at text positions)."""
+  if deepstack is None or not deepstack.shape[0]:
+    return h
+  levels = deepstack.shape[0]
+  return h + jnp.where(i < levels, deepstack[jnp.minimum(i, levels - 1)], jnp.zeros((), h.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=0)
