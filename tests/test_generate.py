@@ -76,3 +76,15 @@ def test_right_padding_is_refused():
   model = _model("tied")
   with pytest.raises(ValueError, match="left padding"):
     generate(model, np.ones((1, 4), np.int32), attention_mask=np.array([[1, 1, 1, 0]]))
+
+
+@pytest.mark.parametrize("kind", ["dense", "tied", "moe"])
+def test_greedy_equals_hf_generate(kind):
+  """Token for token against transformers' greedy `generate` (fixtures: make_model_fixtures.py --generate)."""
+  model, ref = _model(kind), dict(np.load(os.path.join(MODELS, f"generate_{kind}.npz")))
+  n = ref["generated"].shape[1]
+  got = generate(model, INPUTS["input_ids"], attention_mask=INPUTS["attention_mask"], max_new_tokens=n,
+                 **_vision(INPUTS))
+  np.testing.assert_array_equal(got, ref["generated"])
+  got = generate(model, INPUTS["text_input_ids"], attention_mask=INPUTS["text_attention_mask"], max_new_tokens=n)
+  np.testing.assert_array_equal(got, ref["text_generated"])
