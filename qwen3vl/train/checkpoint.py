@@ -31,6 +31,12 @@ class Checkpointer:
                                                              data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
+  def restore_params(self, step: int):
+    """Only the parameters of a saved train state, as saved (host arrays; no optimizer state needed to rebuild
+    the target). Restores the whole item then drops the rest: fine for the model sizes one runs from a workdir."""
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out["state"]["params"]
+
   def wait(self):
     self.manager.wait_until_finished()
 

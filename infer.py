@@ -1,0 +1,113 @@
+"""Ask a Qwen3-VL checkpoint about images, video or text.
+
+    python infer.py --checkpoint=workdir --image=cat.png --prompt="What colour is the circle?"
+    python infer.py --checkpoint=Qwen3-VL-2B-Instruct --video=frames_dir --prompt="What happens?"
+    python infer.py --checkpoint=DIR --input=prompts.jsonl --output=answers.jsonl
+    python infer.py --checkpoint=DIR --interactive
+
+DIR is a Hugging Face Qwen3-VL directory or a train.py work directory. --input lines are {"prompt": ...,
+"image": path or [paths], "video": path, "system": ...} (paths relative to the file); --output gets the same
+objects with "answer" added. Greedy by default; --temperature / --top_k / --top_p / --seed sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "HF Qwen3-VL directory or train.py work directory", required=True)
+flags.DEFINE_multi_string("image", [], "image file (repeat for several)")
+flags.DEFINE_multi_string("video", [], "video: a directory of frames, a GIF, or a video file")
+flags.DEFINE_string("prompt", None, "the question")
+flags.DEFINE_string("system", None, "system message")
+flags.DEFINE_string("input", None, "JSONL of prompts to answer in turn")
+flags.DEFINE_string("output", None, "JSONL to write the answers to (with --input)")
+flags.DEFINE_bool("interactive", False, "chat in the terminal; the conversation is kept between turns")
+flags.DEFINE_integer("max_new_tokens", 128, "at most this many new tokens per answer")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_integer("top_k", None, "sample from the k most likely tokens")
+flags.DEFINE_float("top_p", None, "sample from the smallest set of tokens with this much probability")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_multi_string("stop", [], "stop the answer at this string (repeatable)")
+flags.DEFINE_string("dtype", None, "compute dtype (default float32; bfloat16 halves memory)")
+
+
+def _user_turn(text: str, n_images: int, n_videos: int) -> dict:
+  content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
+  return {"role": "user", "content": content}
+
+
+def _as_list(x) -> list:
+  return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # answers on stdout, not kernel-choice and checkpoint logs
+  import jax
+  from qwen3vl.infer.assistant import Assistant
+
+  assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  sampling = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                  top_p=FLAGS.top_p, stop_strings=FLAGS.stop)
+  key = jax.random.key(FLAGS.seed)
+
+  def ask(messages, images, videos):
+    nonlocal key
+    key, sub = jax.random.split(key)
+    return assistant.reply(messages, images, videos, rng=sub, **sampling).text
+
+  system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+  if FLAGS.input:
+    base = os.path.dirname(os.path.abspath(FLAGS.input))
+    out = open(FLAGS.output, "w") if FLAGS.output else None
+    with open(FLAGS.input) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        record = json.loads(line)
+        if "prompt" not in record:
+          raise ValueError(f"{FLAGS.input}:{n}: no \"prompt\" field")
+        images = [os.path.join(base, p) for p in _as_list(record.get("image") or record.get("images"))]
+        videos = [os.path.join(base, p) for p in _as_list(record.get("video") or record.get("videos"))]
+        sys_msg = [{"role": "system", "content": record["system"]}] if record.get("system") else system
+        record["answer"] = ask(sys_msg + [_user_turn(record["prompt"], len(images), len(videos))], images, videos)
+        print(json.dumps(record), file=out or sys.stdout, flush=True)
+    if out:
+      out.close()
+    return
+  if FLAGS.interactive:
+    messages, images, videos = list(system), list(FLAGS.image), list(FLAGS.video)
+    print(f"{FLAGS.checkpoint} ({assistant.source}); an empty line or Ctrl-D ends the chat.")
+    first = True
+    while True:
+      try:
+        text = input("you> ").strip()
+      except EOFError:
+        break
+      if not text:
+        break
+      messages.append(_user_turn(text, len(images) if first else 0, len(videos) if first else 0))
+      first = False
+      answer = ask(messages, images, videos)
+      print(f"assistant> {answer}", flush=True)
+      messages.append({"role": "assistant", "content": answer})
+    return
+  if not FLAGS.prompt:
+    raise app.UsageError("give --prompt, --input or --interactive")
+  print(ask(system + [_user_turn(FLAGS.prompt, len(FLAGS.image), len(FLAGS.video))], FLAGS.image, FLAGS.video))
+
+
+def run():
+  try:
+    app.run(main)
+  except (FileNotFoundError, ValueError, OSError) as e:  # bad input: one clear line, no traceback wall
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  run()

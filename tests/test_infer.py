@@ -1,0 +1,52 @@
+"""infer.py and the Assistant on a train.py work directory: loads the newest checkpoint, answers through the chat
+template and image processor, JSONL in / out, and bad inputs give one clear error line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import moe
+from qwen3vl.data.synthetic import make_record
+from qwen3vl.infer.assistant import Assistant
+from qwen3vl.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("run")
+  c = moe.get_config()
+  c.data.batch_size, c.data.max_length, c.data.max_patches, c.data.synthetic_eval_size = 2, 64, 64, 4
+  c.train.update({"steps": 2, "eval_every": 1000, "eval_batches": 1, "checkpoint_every": 1000})
+  trainer.train(c, str(path))
+  return path
+
+
+def test_assistant_answers_from_a_workdir(workdir):
+  assistant = Assistant(str(workdir))
+  record = make_record("eval", 0)
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+  reply = assistant.reply(messages, record["images"], max_new_tokens=5)
+  assert isinstance(reply.text, str) and reply.prompt_tokens > 4  # 4 image tokens plus the template
+  assert len(reply.token_ids) <= 5 and not set(reply.token_ids) & set(assistant.stop_ids)
+  with pytest.raises(FileNotFoundError, match="neither"):
+    Assistant(str(workdir / "checkpoints"))
+
+
+def test_cli_jsonl_and_errors(workdir, tmp_path):
+  make_record("eval", 1)["images"][0].save(tmp_path / "a.png")
+  with open(tmp_path / "in.jsonl", "w") as f:
+    f.write(json.dumps({"prompt": "Which shape is shown?", "image": "a.png"}) + "\n")
+    f.write(json.dumps({"prompt": "Say hi."}) + "\n")
+  run = lambda *flags: subprocess.run([sys.executable, "infer.py", f"--checkpoint={workdir}", "--max_new_tokens=4",
+                                       *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = run(f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out.jsonl'}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  answers = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+  assert [a["prompt"] for a in answers] == ["Which shape is shown?", "Say hi."]
+  assert all(isinstance(a["answer"], str) for a in answers)
+  bad = run("--image=/nonexistent.png", "--prompt=x")
+  assert bad.returncode == 1 and "error: image file not found" in bad.stderr and "Traceback" not in bad.stderr
