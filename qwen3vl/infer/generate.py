@@ -20,16 +20,21 @@ from qwen3vl.model.inputs import prepare_inputs
 
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
              video_grid_thw=None, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, rng=None, stop_ids=(), pad_id: int = 0):
+             top_k: int | None = None, top_p: float | None = None, rng=None, stop_ids=(), pad_id: int = 0,
+             bucket: int = 64):
   """New tokens [batch, max_new_tokens] (numpy int32), `pad_id` after each row's first stop token.
 
   input_ids [B, L] left-padded (attention_mask 0 on the padding), with image / video pad tokens expanded as the
-  processor does; pixel values and grids as for `Qwen3VL.__call__`. temperature 0 is greedy.
+  processor does; pixel values and grids as for `Qwen3VL.__call__`. temperature 0 is greedy. Prompts are
+  left-padded (masked) to a multiple of `bucket` tokens so a new prompt length rarely means a new compilation.
   """
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
   if mask.ndim == 2 and (mask[:, -1] == 0).any():
     raise ValueError("generate needs left padding: attention_mask must be 1 at the last position of every row")
+  extra = -ids.shape[1] % max(int(bucket), 1)
+  ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+  mask = np.pad(mask, ((0, 0), (extra, 0)))
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   inputs, deltas = prepare_inputs(model.config, ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
