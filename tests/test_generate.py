@@ -72,10 +72,12 @@ def test_sampling_switches_and_stop_tokens():
   assert (stopped[0, first + 1:] == -1).all()
 
 
-def test_right_padding_is_refused():
+def test_bad_requests_are_refused():
   model = _model("tied")
   with pytest.raises(ValueError, match="left padding"):
     generate(model, np.ones((1, 4), np.int32), attention_mask=np.array([[1, 1, 1, 0]]))
+  with pytest.raises(ValueError, match="exceeds the model's context of 4096"):
+    generate(model, np.ones((1, 4000), np.int32), max_new_tokens=100)
 
 
 @pytest.mark.parametrize("kind", ["dense", "tied", "moe"])

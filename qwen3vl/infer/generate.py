@@ -37,6 +37,10 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_val
   mask = np.pad(mask, ((0, 0), (extra, 0)))
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  context = model.config.text.max_position_embeddings
+  if ids.shape[1] + max_new_tokens > context:
+    raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                     f"context of {context} tokens (text_config.max_position_embeddings)")
   inputs, deltas = prepare_inputs(model.config, ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                   pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                                   attention_mask=mask)
