@@ -200,6 +200,18 @@ def _flash_fwd(cfg, q, k, v, segs):
   return out, (q, k, v, segs, out, lse)
 
 
+def _dq_part(ds, k_blk):  # one block pair's float32 contribution to dq (unscaled)
+  return jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32)
+
+
+def _dk_part(ds, q_blk):  # ... to dk (unscaled)
+  return jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
+
+
+def _dv_part(p, do_blk):  # ... to dv
+  return jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
+
+
 def _flash_bwd(cfg, res, dout):
   q, k, v, segs, out, lse = res
   qb, kb, vb, qmeta, kmeta = _prepare(cfg, q, k, v, segs)
@@ -219,7 +231,7 @@ def _flash_bwd(cfg, res, dout):
     def step(acc, xs):
       k_blk, v_blk, km = xs
       _, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
-      return acc + jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32), None
+      return acc + _dq_part(ds, k_blk), None
 
     acc, _ = _scan(step, jnp.zeros(q_blk.shape, F32), kv)
     return (acc * cfg.scale).astype(q.dtype)
@@ -230,8 +242,8 @@ def _flash_bwd(cfg, res, dout):
       dk, dv = carry
       q_blk, do_blk, lse_blk, delta_blk, qm = xs
       p, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
-      dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
-      dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
+      dv = dv + _dv_part(p, do_blk)
+      dk = dk + _dk_part(ds, q_blk)
       return (dk, dv), None
 
     zeros = jnp.zeros(k_blk.shape, F32)
@@ -247,9 +259,9 @@ def _flash_bwd(cfg, res, dout):
       for j in range(_kv_stop(cfg, i, nk) if cfg.causal else nk):
         k_blk, v_blk, km = jax.tree.map(lambda x: x[j], (kb, vb, kmeta))
         p, ds = probs_and_ds(q_blk, do_blk, lse_blk, delta_blk, qm, k_blk, v_blk, km)
-        dq[i] = dq[i] + jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=F32)
-        dk[j] = dk[j] + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=F32)
-        dv[j] = dv[j] + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_blk.dtype), do_blk, preferred_element_type=F32)
+        dq[i] = dq[i] + _dq_part(ds, k_blk)
+        dk[j] = dk[j] + _dk_part(ds, q_blk)
+        dv[j] = dv[j] + _dv_part(p, do_blk)
     full = lambda xs, like, scale: jnp.stack([jnp.broadcast_to(x * scale, like.shape[1:]) for x in xs])
     dq = full(dq, qb, cfg.scale).astype(q.dtype)  # (a block no pair reached stays the float 0.0: broadcast)
     dk, dv = full(dk, kb, cfg.scale).astype(k.dtype), full(dv, vb, 1.0).astype(v.dtype)

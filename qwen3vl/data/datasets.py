@@ -32,7 +32,7 @@ from qwen3vl.data.tokenizer import Tokenizer
 from qwen3vl.data.video import VideoProcessor
 from qwen3vl.model.positions import get_rope_index
 
-__all__ = ["SkipSample", "SKIP_REASONS", "Sample", "SampleBuilder", "JsonlSource", "to_messages"]
+__all__ = ["SkipSample", "SKIP_REASONS", "Sample", "SampleBuilder", "JsonlSource", "to_messages", "processors_for"]
 
 SKIP_REASONS = ("bad_record", "missing_image", "corrupt_image", "bad_image", "token_mismatch", "too_long",
                 "too_many_patches", "no_targets", "error")
@@ -140,6 +140,16 @@ def to_messages(record: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ builder
+
+def processors_for(vision, *, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[ImageProcessor, VideoProcessor]:
+    """Image and video processors cut to a model's vision config (patch, temporal patch and merge sizes), as
+    training and inference must agree; min/max pixels bound images only (videos keep the HF class defaults)."""
+    geometry = dict(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                    merge_size=vision.spatial_merge_size)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    return ImageProcessor(**geometry, **pixels), VideoProcessor(**geometry)
+
 
 class SampleBuilder:
     """record -> Sample: render the chat, expand the vision placeholders with the real grids, tokenize, mask.

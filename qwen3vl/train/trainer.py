@@ -21,12 +21,10 @@ from flax import nnx
 
 from qwen3vl import hardware, hf
 from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
-from qwen3vl.data.datasets import SampleBuilder
-from qwen3vl.data.image import ImageProcessor
+from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
 from qwen3vl.data.packing import Packer, to_model_inputs
 from qwen3vl.data.tokenizer import Tokenizer
-from qwen3vl.data.video import VideoProcessor
 from qwen3vl.model.vlm import Qwen3VL
 from qwen3vl.train import losses
 from qwen3vl.train.checkpoint import Checkpointer
@@ -77,9 +75,9 @@ def validate(config):
 
 def make_loaders(config, tokenizer, model_cfg):
   d, v = config.data, model_cfg.vision
-  geometry = dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
-  builder = SampleBuilder(tokenizer, max_length=d.max_length, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                          image_processor=ImageProcessor(**geometry), video_processor=VideoProcessor(**geometry))
+  image_processor, video_processor = processors_for(v, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+  builder = SampleBuilder(tokenizer, max_length=d.max_length, image_processor=image_processor,
+                          video_processor=video_processor)
   packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=d.pack, builder=builder,
                   merge_size=v.spatial_merge_size, num_position_embeddings=v.num_position_embeddings)
   if d.train_path:
