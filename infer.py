@@ -7,7 +7,9 @@
 
 DIR is a Hugging Face Qwen3-VL directory or a train.py work directory. --input lines are {"prompt": ...,
 "image": path or [paths], "video": path, "system": ...} (paths relative to the file); --output gets the same
-objects with "answer" added. Greedy by default; --temperature / --top_k / --top_p / --seed sample.
+objects with "answer" added, --batch_size prompts decoded together. Answers to --prompt and in --interactive are
+streamed as they are produced; --interactive keeps the conversation and its KV cache between turns. Greedy by
+default; --temperature / --top_k / --top_p / --seed sample.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ flags.DEFINE_float("top_p", None, "sample from the smallest set of tokens with t
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_multi_string("stop", [], "stop the answer at this string (repeatable)")
 flags.DEFINE_string("dtype", None, "compute dtype (default float32; bfloat16 halves memory)")
+flags.DEFINE_enum("kv_cache", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8 with "
+                  "per-(slot, head) scales (about half of bfloat16's memory)")
+flags.DEFINE_integer("batch_size", 8, "--input prompts decoded together")
 
 
 def _user_turn(text: str, n_images: int, n_videos: int) -> dict:
@@ -50,39 +55,26 @@ def main(argv):
   import jax
   from qwen3vl.infer.assistant import Assistant
 
-  assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  sampling = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                  top_p=FLAGS.top_p, stop_strings=FLAGS.stop)
+  assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype, kv_cache=FLAGS.kv_cache)
+  options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                 top_p=FLAGS.top_p, stop_strings=FLAGS.stop)
   key = jax.random.key(FLAGS.seed)
 
-  def ask(messages, images, videos):
+  def rng():
     nonlocal key
     key, sub = jax.random.split(key)
-    return assistant.reply(messages, images, videos, rng=sub, **sampling).text
+    return sub
+
+  def show(text):
+    print(text, end="", flush=True)
 
   system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
   if FLAGS.input:
-    base = os.path.dirname(os.path.abspath(FLAGS.input))
-    out = open(FLAGS.output, "w") if FLAGS.output else None
-    with open(FLAGS.input) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        record = json.loads(line)
-        if "prompt" not in record:
-          raise ValueError(f"{FLAGS.input}:{n}: no \"prompt\" field")
-        images = [os.path.join(base, p) for p in _as_list(record.get("image") or record.get("images"))]
-        videos = [os.path.join(base, p) for p in _as_list(record.get("video") or record.get("videos"))]
-        sys_msg = [{"role": "system", "content": record["system"]}] if record.get("system") else system
-        record["answer"] = ask(sys_msg + [_user_turn(record["prompt"], len(images), len(videos))], images, videos)
-        print(json.dumps(record), file=out or sys.stdout, flush=True)
-    if out:
-      out.close()
-    return
-  if FLAGS.interactive:
-    messages, images, videos = list(system), list(FLAGS.image), list(FLAGS.video)
+    _answer_file(assistant, system, options, rng)
+  elif FLAGS.interactive:
+    conversation = assistant.chat(FLAGS.system)
+    images, videos = list(FLAGS.image), list(FLAGS.video)  # shown with the first message
     print(f"{FLAGS.checkpoint} ({assistant.source}); an empty line or Ctrl-D ends the chat.")
-    first = True
     while True:
       try:
         text = input("you> ").strip()
@@ -90,15 +82,45 @@ def main(argv):
         break
       if not text:
         break
-      messages.append(_user_turn(text, len(images) if first else 0, len(videos) if first else 0))
-      first = False
-      answer = ask(messages, images, videos)
-      print(f"assistant> {answer}", flush=True)
-      messages.append({"role": "assistant", "content": answer})
-    return
-  if not FLAGS.prompt:
+      print("assistant> ", end="", flush=True)
+      conversation.say(text, images, videos, stream=show, rng=rng(), **options)
+      print(flush=True)
+      images, videos = [], []
+  elif FLAGS.prompt:
+    messages = system + [_user_turn(FLAGS.prompt, len(FLAGS.image), len(FLAGS.video))]
+    assistant.reply(messages, FLAGS.image, FLAGS.video, stream=show, rng=rng(), **options)
+    print(flush=True)
+  else:
     raise app.UsageError("give --prompt, --input or --interactive")
-  print(ask(system + [_user_turn(FLAGS.prompt, len(FLAGS.image), len(FLAGS.video))], FLAGS.image, FLAGS.video))
+
+
+def _answer_file(assistant, system, options, rng):
+  """--input records answered --batch_size at a time, written (in order) to --output or stdout."""
+  base = os.path.dirname(os.path.abspath(FLAGS.input))
+  records, conversations = [], []
+  with open(FLAGS.input) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      if "prompt" not in record:
+        raise ValueError(f"{FLAGS.input}:{n}: no \"prompt\" field")
+      images = [os.path.join(base, p) for p in _as_list(record.get("image") or record.get("images"))]
+      videos = [os.path.join(base, p) for p in _as_list(record.get("video") or record.get("videos"))]
+      sys_msg = [{"role": "system", "content": record["system"]}] if record.get("system") else system
+      records.append(record)
+      conversations.append((sys_msg + [_user_turn(record["prompt"], len(images), len(videos))], images, videos))
+  out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
+  try:
+    for start in range(0, len(records), FLAGS.batch_size):
+      stop = start + FLAGS.batch_size
+      for record, reply in zip(records[start:stop],
+                               assistant.replies(conversations[start:stop], rng=rng(), **options)):
+        record["answer"] = reply.text
+        print(json.dumps(record), file=out, flush=True)
+  finally:
+    if out is not sys.stdout:
+      out.close()
 
 
 def run():

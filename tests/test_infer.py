@@ -50,3 +50,41 @@ def test_cli_jsonl_and_errors(workdir, tmp_path):
   assert all(isinstance(a["answer"], str) for a in answers)
   bad = run("--image=/nonexistent.png", "--prompt=x")
   assert bad.returncode == 1 and "error: image file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chat_keeps_its_cache_and_streams(workdir):
+  """Turn 2 of a Chat writes only its new tokens after the cache and answers as a one-shot generate over the
+  whole token history; streamed pieces add up to the reply text, stop strings included."""
+  import numpy as np
+  from qwen3vl.infer.generate import generate
+  assistant = Assistant(str(workdir))
+  image = make_record("eval", 2)["images"]
+  conversation = assistant.chat("Be brief.")
+  pieces = []
+  one = conversation.say("What colour?", image, max_new_tokens=6, stream=pieces.append)
+  assert "".join(pieces) == one.text
+  two = conversation.say("And the shape?", max_new_tokens=6)
+  tok = assistant.tokenizer
+  user = lambda text, n: [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}]
+  first = assistant.inputs([{"role": "system", "content": "Be brief."}] + user("What colour?", 1), image)
+  closing = [assistant.im_end] + tok.encode("\n")  # what the template puts after an answer
+  second = assistant.inputs(user("And the shape?", 0))["input_ids"][0].tolist()
+  history = first["input_ids"][0].tolist() + one.token_ids + closing + second
+  carried = len(one.token_ids) == 6  # no stop token: the last answer token was not in the cache yet
+  assert two.prompt_tokens == carried + len(closing) + len(second)
+  want = generate(assistant.model, np.asarray([history], np.int32), pixel_values=first["pixel_values"],
+                  image_grid_thw=first["image_grid_thw"], max_new_tokens=6, stop_ids=assistant.stop_ids,
+                  pad_id=assistant.pad_id)[0]
+  assert two.token_ids == [int(t) for t in want[:len(two.token_ids)]]
+  stopped = []
+  cut = assistant.reply(user("What colour?", 1), image, max_new_tokens=6, stream=stopped.append,
+                        stop_strings=[one.text[2:4]] if len(one.text) >= 4 else ["\x00"])
+  assert "".join(stopped) == cut.text
+
+
+def test_cli_interactive_and_streaming(workdir):
+  run = subprocess.run([sys.executable, "infer.py", f"--checkpoint={workdir}", "--max_new_tokens=3", "--interactive",
+                        "--kv_cache=int8"], cwd=ROOT, input="hi\nmore\n\n", capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.count("assistant> ") == 2

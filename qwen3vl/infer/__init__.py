@@ -1,5 +1,6 @@
-"""Inference: `generate` (prefill + compiled decode loop over a KV cache) and its sampling rules."""
-from qwen3vl.infer.generate import generate
+"""Inference: `generate` (prefill + compiled decode loop over a KV cache), its sampling rules, and the state a
+conversation keeps between calls."""
+from qwen3vl.infer.generate import DecodeState, generate
 from qwen3vl.infer.sampling import Sampling
 
-__all__ = ["generate", "Sampling"]
+__all__ = ["generate", "DecodeState", "Sampling"]

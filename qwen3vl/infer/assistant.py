@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ from flax import nnx
 from qwen3vl import hf
 from qwen3vl.config import ModelConfig
 from qwen3vl.data import chat
+from qwen3vl.data.datasets import processors_for
 from qwen3vl.data.image import ImageProcessor
 from qwen3vl.data.tokenizer import Tokenizer
 from qwen3vl.data.video import VideoProcessor
@@ -46,11 +47,10 @@ def _load_workdir(path: str, dtype: str | None):
   nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
   model = nnx.merge(graphdef, state)
   data = _read_json(os.path.join(path, "config.json")).get("data", {})
-  geometry = dict(patch_size=cfg.vision.patch_size, temporal_patch_size=cfg.vision.temporal_patch_size,
-                  merge_size=cfg.vision.spatial_merge_size)
-  pixels = {k: data[k] for k in ("min_pixels", "max_pixels") if data.get(k)}
-  return (model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")),
-          ImageProcessor(**geometry, **pixels), VideoProcessor(**geometry), [], f"step {step}")
+  image_processor, video_processor = processors_for(cfg.vision, min_pixels=data.get("min_pixels"),
+                                                    max_pixels=data.get("max_pixels"))
+  return (model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")), image_processor, video_processor, [],
+          f"step {step}")
 
 
 def _load_hf(path: str, dtype: str | None):
@@ -74,7 +74,7 @@ class Reply:
 
 class Assistant:
 
-  def __init__(self, path: str, *, dtype: str | None = None):
+  def __init__(self, path: str, *, dtype: str | None = None, kv_cache: str = "auto"):
     path = os.fspath(path)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint directory not found: {path!r}")
@@ -88,38 +88,144 @@ class Assistant:
     self.model, self.tokenizer, self.image_processor, self.video_processor, stops, self.source = loaded
     ids = self.tokenizer.special_ids
     self.stop_ids = sorted(set(stops) | {ids["im_end"], ids["pad"]})
-    self.pad_id = ids["pad"]
+    self.pad_id, self.im_end = ids["pad"], ids["im_end"]
+    self.kv_cache = kv_cache
 
-  def inputs(self, messages: Sequence[dict], images: Sequence[Any] = (), videos: Sequence[Any] = ()) -> dict:
-    """Token ids [1, L] and vision arrays for a conversation ending with a user turn (images / videos in the
-    order their {"type": "image"} / {"type": "video"} items appear)."""
+  def inputs(self, messages: Sequence[dict], images: Sequence[Any] = (), videos: Sequence[Any] = (), *,
+             prefix: Sequence[int] = ()) -> dict:
+    """Token ids [1, L] (`prefix` ids, then the rendered messages and the assistant header) and vision arrays
+    (images / videos in the order their {"type": "image"} / {"type": "video"} items appear)."""
     out: dict[str, Any] = {}
     image_grid = video_grid = stamps = None
     if images:
       out["pixel_values"], image_grid = self.image_processor(list(images))
       out["image_grid_thw"] = image_grid
     if videos:
-      feats = self.video_processor(list(videos))
-      out["pixel_values_videos"], video_grid, stamps = feats
+      out["pixel_values_videos"], video_grid, stamps = self.video_processor(list(videos))
       out["video_grid_thw"] = video_grid
     prompt = chat.build_prompt(messages, image_grid, video_grid, stamps, add_generation_prompt=True,
                                merge_size=self.image_processor.merge_size)
-    out["input_ids"] = np.asarray([self.tokenizer.encode(prompt)], np.int32)
+    out["input_ids"] = np.asarray([list(prefix) + self.tokenizer.encode(prompt)], np.int32)
     return out
 
   def reply(self, messages: Sequence[dict], images: Sequence[Any] = (), videos: Sequence[Any] = (), *,
-            max_new_tokens: int = 128, stop_strings: Sequence[str] = (), **sampling) -> Reply:
-    inputs = self.inputs(messages, images, videos)
-    ids = inputs.pop("input_ids")
-    tokens = generate(self.model, ids, **inputs, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
-                      pad_id=self.pad_id, **sampling)[0]
-    kept = [int(t) for t in tokens]
-    for k, t in enumerate(kept):
-      if t in self.stop_ids:
-        kept = kept[:k]
-        break
-    text = self.tokenizer.decode(kept, skip_special_tokens=True)
-    for s in stop_strings:
-      if s and s in text:
-        text = text[:text.index(s)]
-    return Reply(text, kept, int(ids.shape[1]))
+            stream: Callable[[str], None] | None = None, **options) -> Reply:
+    """The answer to a conversation ending with a user turn; `stream(text)` gets the answer piece by piece."""
+    return self.replies([(messages, images, videos)], stream=stream, **options)[0]
+
+  def replies(self, conversations: Sequence[tuple], *, max_new_tokens: int = 128, stop_strings: Sequence[str] = (),
+              stream: Callable[[str], None] | None = None, **sampling) -> list[Reply]:
+    """Answers to (messages, images, videos) conversations, decoded together as one left-padded batch."""
+    batch = [self.inputs(*c) for c in conversations]
+    tokens, _ = self._generate(_stack(batch, self.pad_id), None, max_new_tokens, stop_strings, stream, sampling)
+    return [self._reply(row, stop_strings, b["input_ids"].shape[1]) for row, b in zip(tokens, batch)]
+
+  def chat(self, system: str | None = None) -> "Chat":
+    """A conversation that keeps its KV cache between turns (see Chat)."""
+    return Chat(self, system)
+
+  def _generate(self, inputs, state, max_new_tokens, stop_strings, stream, sampling):
+    printer = _StreamPrinter(self.tokenizer, self.stop_ids, stop_strings, stream) if stream else None
+    out = generate(self.model, **inputs, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                   kv_cache=self.kv_cache, stream=printer, state=state, return_state=True, **sampling)
+    if printer:
+      printer.flush()
+    return out
+
+  def _reply(self, tokens, stop_strings, prompt_tokens) -> Reply:
+    kept = _until_stop([int(t) for t in tokens], self.stop_ids)
+    return Reply(_cut(self.tokenizer.decode(kept, skip_special_tokens=True), stop_strings), kept, prompt_tokens)
+
+
+class Chat:
+  """Multi-turn chat over one KV cache: each turn writes only its new tokens (the end of the previous answer,
+  the user message, the assistant header) after what the cache holds, so earlier turns, images included, are
+  never recomputed. The cache holds the answers as generated (a stop string cuts the printed text only)."""
+
+  def __init__(self, assistant: Assistant, system: str | None = None):
+    self.assistant, self.state, self.last = assistant, None, None
+    self.system = [{"role": "system", "content": system}] if system else []
+
+  def say(self, text: str, images: Sequence[Any] = (), videos: Sequence[Any] = (), *, max_new_tokens: int = 128,
+          stop_strings: Sequence[str] = (), stream: Callable[[str], None] | None = None, **sampling) -> Reply:
+    a = self.assistant
+    content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": text}]
+    user = [{"role": "user", "content": content}]
+    if self.state is None:
+      inputs = a.inputs(self.system + user, images, videos)
+    else:  # close the previous answer as the template would: its last token (unless a stop), then <|im_end|>\n
+      prefix = ([] if self.last in a.stop_ids else [self.last]) + [a.im_end] + a.tokenizer.encode("\n")
+      inputs = a.inputs(user, images, videos, prefix=prefix)
+    tokens, self.state = a._generate(inputs, self.state, max_new_tokens, stop_strings, stream, sampling)
+    row = [int(t) for t in tokens[0]]
+    self.last = next((t for t in row if t in a.stop_ids), row[-1])
+    return a._reply(row, stop_strings, inputs["input_ids"].shape[1])
+
+
+def _stack(batch: Sequence[dict], pad_id: int) -> dict:
+  """One left-padded batch (attention_mask) from single-row inputs; vision arrays concatenated in row order."""
+  length = max(b["input_ids"].shape[1] for b in batch)
+  ids = np.full((len(batch), length), pad_id, np.int32)
+  mask = np.zeros((len(batch), length), np.int32)
+  for r, b in enumerate(batch):
+    n = b["input_ids"].shape[1]
+    ids[r, length - n:], mask[r, length - n:] = b["input_ids"][0], 1
+  out = {"input_ids": ids, "attention_mask": mask}
+  for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    parts = [b[key] for b in batch if key in b]
+    if parts:
+      out[key] = np.concatenate(parts)
+  return out
+
+
+def _until_stop(tokens: list[int], stop_ids) -> list[int]:
+  for k, t in enumerate(tokens):
+    if t in stop_ids:
+      return tokens[:k]
+  return tokens
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+  for s in stop_strings:
+    if s and s in text:
+      text = text[:text.index(s)]
+  return text
+
+
+class _StreamPrinter:
+  """Turns row 0's streamed token ids into text pieces: decodes what it has so far and passes on the new part,
+  holding back an unfinished UTF-8 character and anything that may be the start of a stop string."""
+
+  def __init__(self, tokenizer, stop_ids, stop_strings, sink: Callable[[str], None]):
+    self.tokenizer, self.stop_ids, self.stop_strings, self.sink = tokenizer, set(stop_ids), stop_strings, sink
+    self.ids, self.sent, self.finished = [], 0, False
+
+  def __call__(self, step: int, tokens: np.ndarray):
+    token = int(tokens[0])
+    if self.finished or token in self.stop_ids:
+      self.finished = True
+      return
+    self.ids.append(token)
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    cut = _cut(text, self.stop_strings)
+    if cut != text:
+      self.finished = True
+    elif text.endswith("\ufffd"):  # maybe half a character: wait for the next token
+      return
+    else:
+      cut = text[:len(text) - _held_back(text, self.stop_strings)]
+    self._send(cut)
+
+  def flush(self):
+    """After the last token: whatever was held back (a dangling byte, a stop string's unfinished start)."""
+    self._send(_cut(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop_strings))
+
+  def _send(self, text: str):
+    if len(text) > self.sent:
+      self.sink(text[self.sent:])
+      self.sent = len(text)
+
+
+def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+  """Length of the longest end of `text` that begins some stop string."""
+  return max([n for s in stop_strings for n in range(1, len(s)) if text.endswith(s[:n])], default=0)

@@ -1,14 +1,12 @@
 """Text decoder layer: RMSNorm, GQA attention with per-head q/k RMSNorm and interleaved MRoPE, SwiGLU or MoE.
 
 Attention goes through `kernels.attention` (the one entry point for every implementation). Padding and
-packed samples are expressed as segment ids, never as a dense [L, L] mask.
+packed samples are expressed as segment ids, never as a dense [L, L] mask; only tokens that attend to a KV
+cache (generation) take a [B, L, S] visibility mask, see `kv_cache`.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import kernels
@@ -31,26 +29,23 @@ class Attention(nnx.Module):
     self.head_dim, self.attention_impl = t.head_dim, cfg.attention_impl
 
   def __call__(self, x, cos, sin, segment_ids, cache=None):
-    """cache (generation): (k [B, S, Hkv, D], v, index, kv_valid [B, S] or None). The new keys and values are
-    written at slots index..; a prompt (length > 1, written at 0) attends within itself, a decode step (length
-    1) to the valid slots. Returns (output, updated (k, v) or None)."""
+    """cache (generation): (KVCache of this layer, write index, mask [B, L, S] or None). The new keys and values
+    are written at slots index..index+L-1; with no mask (a prompt) the tokens attend among themselves through
+    `kernels.attention`, with a mask (decode steps, later chunks) to the cache slots it shows. Returns (output,
+    updated KVCache or None)."""
     b, l, _ = x.shape
     q = self.q_norm(self.q_proj(x).reshape(b, l, -1, self.head_dim))
     k = self.k_norm(self.k_proj(x).reshape(b, l, -1, self.head_dim))
     v = self.v_proj(x).reshape(b, l, -1, self.head_dim)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    attend = functools.partial(kernels.attention, implementation=self.attention_impl)
-    if cache is None:
-      return self.o_proj(attend(q, k, v, causal=True, segment_ids=segment_ids).reshape(b, l, -1)), None
-    k_cache, v_cache, index, kv_valid = cache
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-    if l > 1:
-      o = attend(q, k, v, causal=True, segment_ids=segment_ids)
+    kv, index, mask = cache if cache is not None else (None, 0, None)
+    if kv is not None:
+      kv = kv.write(k, v, index)
+    if mask is None:
+      o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, implementation=self.attention_impl)
     else:
-      ids = (jnp.ones((b, 1), jnp.int32), kv_valid.astype(jnp.int32))
-      o = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), causal=False, segment_ids=ids)
-    return self.o_proj(o.reshape(b, l, -1)), (k_cache, v_cache)
+      o = kv.attend(q, mask)
+    return self.o_proj(o.reshape(b, l, -1)), kv
 
 
 class MLP(nnx.Module):

@@ -19,6 +19,7 @@ from flax import nnx
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
 from qwen3vl.model.inputs import ModelInputs, prepare_inputs
+from qwen3vl.model.kv_cache import KVCache
 from qwen3vl.model.layers import Embed, Linear, RMSNorm
 from qwen3vl.model.stack import build_stack, run_stack
 from qwen3vl.model.text import DecoderLayer
@@ -64,7 +65,7 @@ class Qwen3VL(nnx.Module):
     states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss)."""
     cfg, t = self.config, self.config.text
     x, deepstack = self.embed_inputs(inputs)
-    cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
+    cos, sin = self._rope(inputs.positions, x.dtype)
 
     def body(layer, h, i):
       h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
@@ -81,44 +82,46 @@ class Qwen3VL(nnx.Module):
       return x, extras
     return self.logits(x), extras
 
+  def _rope(self, positions, dtype):
+    t = self.config.text
+    return rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, dtype)
+
   def logits(self, x):
     """Final-normed hidden states -> float32 logits (tied embedding or LM head)."""
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)
 
   # ------------------------------------------------------------------------------------- generation (device)
-  def prefill(self, inputs: ModelInputs, cache_size: int):
-    """Runs a left-padded prompt [B, L] and returns (last-position logits [B, V], KV cache (k, v) of
-    [layers, B, cache_size, Hkv, D] in the compute dtype, slots 0..L-1 filled)."""
+  def new_cache(self, batch: int, size: int, kv_dtype: str = "auto") -> KVCache:
+    """An empty KV cache of `size` slots for every decoder layer (see `kv_cache.KVCache.empty`)."""
     t = self.config.text
+    return KVCache.empty(t.num_hidden_layers, batch, size, t.num_key_value_heads, t.head_dim, self.config.dtype,
+                         kv_dtype)
+
+  def prefill(self, inputs: ModelInputs, cache: KVCache):
+    """A left-padded prompt [B, L] written at cache slots 0..L-1 (attention within the prompt, through
+    `kernels.attention`). Returns (last-position logits [B, V], updated cache)."""
+    return self._run_cached(inputs, cache, 0, None)
+
+  def extend(self, inputs: ModelInputs, cache: KVCache, index, mask):
+    """Tokens [B, T] (a decode step, or a later chunk of a conversation, images allowed) written at cache slots
+    index..index+T-1 (`index` may be traced); mask [B, T, S] says which slots each token sees (see
+    `kv_cache.visibility`). Returns (last-position logits [B, V], updated cache)."""
+    return self._run_cached(inputs, cache, index, mask)
+
+  def _run_cached(self, inputs, cache, index, mask):
     x, deepstack = self.embed_inputs(inputs)
-    b = x.shape[0]
-    cos, sin = rope.mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
-    shape = (t.num_hidden_layers, b, cache_size, t.num_key_value_heads, t.head_dim)
-    empty = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    cos, sin = self._rope(inputs.positions, x.dtype)
+    segment_ids = inputs.segment_ids if mask is None else None
 
     def body(layer, h, xs):
-      i, k, v = xs
-      h, _, kv = layer(h, cos, sin, inputs.segment_ids, (k, v, 0, None))
+      i, kv = xs
+      h, _, kv = layer(h, cos, sin, segment_ids, (kv, index, mask))
       return _add_deepstack(h, deepstack, i), kv
 
-    x, cache = run_stack(self.layers, body, x, (jnp.arange(t.num_hidden_layers),) + empty,
+    x, cache = run_stack(self.layers, body, x, (jnp.arange(self.config.text.num_hidden_layers), cache),
                          scan=self.config.scan_layers)
     return self.logits(self.norm(x[:, -1:]))[:, 0], cache
-
-  def decode_step(self, token_ids, positions, cache, index, kv_valid):
-    """One new token per row: token_ids [B, 1] at positions [3, B, 1], written at cache slot `index` (a traced
-    scalar); kv_valid [B, S] marks the slots it may attend to. Returns (logits [B, V], updated cache)."""
-    t = self.config.text
-    x = self.embed(token_ids)
-    cos, sin = rope.mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, x.dtype)
-
-    def body(layer, h, kv):
-      h, _, kv = layer(h, cos, sin, None, kv + (index, kv_valid))
-      return h, kv
-
-    x, cache = run_stack(self.layers, body, x, cache, scan=self.config.scan_layers)
-    return self.logits(self.norm(x))[:, 0], cache
 
   # ---------------------------------------------------------------------------------------------- host side
   def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,

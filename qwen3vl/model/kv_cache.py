@@ -1,0 +1,99 @@
+"""The KV cache of generation: keys and values of every layer in slots [B, S], in the compute dtype or in int8.
+
+int8 keeps one scale per (slot, kv head) vector (max |x| / 127, stored in the compute dtype): a bfloat16 cache
+shrinks to 0.52x, a float32 one to 0.27x. The scales never touch the big tensors: a key scale multiplies the
+scores of its slot and a value scale the probability of its slot, so attention reads the int8 arrays as they are.
+
+Attention against the cache is plain XLA (einsum, masked softmax in float32): a decode step reads the cache
+once and does little arithmetic, so a kernel would gain little; prompts go through `kernels.attention` instead.
+Slots are written in order, one scalar index for the whole batch; a [B, T, S] mask says what each new token
+sees, so padding and finished rows are holes that are never attended to.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+KV_DTYPES = ("auto", "int8")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  k: jax.Array  # [layers, B, S, Hkv, D] (inside the layer scan: [B, S, Hkv, D])
+  v: jax.Array
+  k_scale: jax.Array | None = None  # [layers, B, S, Hkv] for int8
+  v_scale: jax.Array | None = None
+
+  @classmethod
+  def empty(cls, num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int, dtype,
+            kv_dtype: str = "auto") -> "KVCache":
+    """Zeros; kv_dtype "auto" stores the compute dtype, "int8" int8 plus per-(slot, head) scales."""
+    if kv_dtype not in KV_DTYPES:
+      raise ValueError(f"kv cache dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    shape = (num_layers, batch, size, num_kv_heads, head_dim)
+    if kv_dtype == "auto":
+      return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    zeros8, ones = jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1], dtype)
+    return cls(zeros8, zeros8, ones, ones)
+
+  @property
+  def quantized(self) -> bool:
+    return self.k_scale is not None
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[-3]
+
+  def nbytes(self) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
+
+  def write(self, k: jax.Array, v: jax.Array, index) -> "KVCache":
+    """One layer's cache with k, v [B, T, Hkv, D] written at slots index..index+T-1."""
+    def put(cache, x):
+      return jax.lax.dynamic_update_slice(cache, x.astype(cache.dtype), (0, index) + (0,) * (cache.ndim - 2))
+
+    if not self.quantized:
+      return KVCache(put(self.k, k), put(self.v, v))
+    (k8, ks), (v8, vs) = _quantize(k, self.k_scale.dtype), _quantize(v, self.v_scale.dtype)
+    return KVCache(put(self.k, k8), put(self.v, v8), put(self.k_scale, ks), put(self.v_scale, vs))
+
+  def attend(self, q: jax.Array, mask: jax.Array) -> jax.Array:
+    """One layer's attention: q [B, T, H, D] against all slots, mask [B, T, S] (True = visible) ->
+    [B, T, H, D]. Grouped heads share their kv head without copying it."""
+    b, t, h, d = q.shape
+    hkv = self.k.shape[-2]
+    qg = q.reshape(b, t, hkv, h // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, self.k.astype(jnp.float32)) * (d ** -0.5)
+    if self.quantized:
+      scores = scores * _per_slot(self.k_scale)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if self.quantized:
+      probs = probs * _per_slot(self.v_scale)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, self.v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _quantize(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
+  """[..., D] -> int8 [..., D] and scale [...] with x ~= int8 * scale."""
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+  q = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
+  return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(scale_dtype)
+
+
+def _per_slot(scale: jax.Array) -> jax.Array:
+  """[B, S, Hkv] -> [B, Hkv, 1, 1, S], broadcastable against scores [B, Hkv, G, T, S]."""
+  return jnp.transpose(scale.astype(jnp.float32), (0, 2, 1))[:, :, None, None, :]
+
+
+def visibility(valid: jax.Array, index, length: int) -> jax.Array:
+  """[B, T, S] mask for T tokens written at index..: slot s is visible to token t when it holds a valid entry
+  (`valid` [B, S], already including the new tokens) at or before the token's own slot; a token always sees
+  itself, so padding rows of a chunk never meet an empty softmax."""
+  slots = jnp.arange(valid.shape[1])
+  own = index + jnp.arange(length)[:, None]  # [T, 1]
+  return (valid[:, None, :] & (slots <= own)[None]) | (slots == own)[None]
