@@ -162,8 +162,7 @@ def test_int8_cache_quarters_memory_and_keeps_the_choices():
   mask = visibility(valid, 22, t)
   exact, int8 = (KVCache.empty(1, b, s, hkv, d, jnp.float32, kv_dtype) for kv_dtype in ("auto", "int8"))
   assert int8.nbytes() < 0.3 * exact.nbytes()
-  write = lambda c: jax.tree.map(lambda a: a[0], c).write(k, v, 0)
-  want, got = write(exact).attend(q, mask), write(int8).attend(q, mask)
+  want, got = (c.write(0, k, v, 0).attend(0, q, mask) for c in (exact, int8))
   ref = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(jnp.where(
       mask[:, None, None], jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, hkv, g, d), k) / d ** 0.5, -jnp.inf)),
       v).reshape(b, t, hkv * g, d)

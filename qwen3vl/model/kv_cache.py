@@ -7,7 +7,9 @@ scores of its slot and a value scale the probability of its slot, so attention r
 Attention against the cache is plain XLA (einsum, masked softmax in float32): a decode step reads the cache
 once and does little arithmetic, so a kernel would gain little; prompts go through `kernels.attention` instead.
 Slots are written in order, one scalar index for the whole batch; a [B, T, S] mask says what each new token
-sees, so padding and finished rows are holes that are never attended to.
+sees, so padding and finished rows are holes that are never attended to. The whole stacked cache rides in the
+carry of the layer scan and each layer writes only its new slots, so XLA updates it in place: passing per-layer
+slices through the scan instead would copy the whole cache at every decode step.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ KV_DTYPES = ("auto", "int8")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  k: jax.Array  # [layers, B, S, Hkv, D] (inside the layer scan: [B, S, Hkv, D])
+  k: jax.Array  # [layers, B, S, Hkv, D]
   v: jax.Array
   k_scale: jax.Array | None = None  # [layers, B, S, Hkv] for int8
   v_scale: jax.Array | None = None
@@ -50,30 +52,33 @@ class KVCache:
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 
-  def write(self, k: jax.Array, v: jax.Array, index) -> "KVCache":
-    """One layer's cache with k, v [B, T, Hkv, D] written at slots index..index+T-1."""
+  def write(self, layer, k: jax.Array, v: jax.Array, index) -> "KVCache":
+    """The cache with layer `layer`'s k, v [B, T, Hkv, D] written at slots index..index+T-1. Only those slots
+    are touched: carried through the layer scan and the decode loop, the update happens in place."""
     def put(cache, x):
-      return jax.lax.dynamic_update_slice(cache, x.astype(cache.dtype), (0, index) + (0,) * (cache.ndim - 2))
+      x = x.astype(cache.dtype)[None]
+      return jax.lax.dynamic_update_slice(cache, x, (layer, 0, index) + (0,) * (cache.ndim - 3))
 
     if not self.quantized:
       return KVCache(put(self.k, k), put(self.v, v))
     (k8, ks), (v8, vs) = _quantize(k, self.k_scale.dtype), _quantize(v, self.v_scale.dtype)
     return KVCache(put(self.k, k8), put(self.v, v8), put(self.k_scale, ks), put(self.v_scale, vs))
 
-  def attend(self, q: jax.Array, mask: jax.Array) -> jax.Array:
-    """One layer's attention: q [B, T, H, D] against all slots, mask [B, T, S] (True = visible) ->
+  def attend(self, layer, q: jax.Array, mask: jax.Array) -> jax.Array:
+    """Layer `layer`'s attention: q [B, T, H, D] against all slots, mask [B, T, S] (True = visible) ->
     [B, T, H, D]. Grouped heads share their kv head without copying it."""
     b, t, h, d = q.shape
-    hkv = self.k.shape[-2]
+    k, v = self.k[layer], self.v[layer]
+    hkv = k.shape[-2]
     qg = q.reshape(b, t, hkv, h // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, self.k.astype(jnp.float32)) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * (d ** -0.5)
     if self.quantized:
-      scores = scores * _per_slot(self.k_scale)
+      scores = scores * _per_slot(self.k_scale[layer])
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     if self.quantized:
-      probs = probs * _per_slot(self.v_scale)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, self.v.astype(jnp.float32))
+      probs = probs * _per_slot(self.v_scale[layer])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

@@ -29,22 +29,22 @@ class Attention(nnx.Module):
     self.head_dim, self.attention_impl = t.head_dim, cfg.attention_impl
 
   def __call__(self, x, cos, sin, segment_ids, cache=None):
-    """cache (generation): (KVCache of this layer, write index, mask [B, L, S] or None). The new keys and values
-    are written at slots index..index+L-1; with no mask (a prompt) the tokens attend among themselves through
-    `kernels.attention`, with a mask (decode steps, later chunks) to the cache slots it shows. Returns (output,
-    updated KVCache or None)."""
+    """cache (generation): (the stacked KVCache, this layer's number, write index, mask [B, L, S] or None). The
+    new keys and values are written at slots index..index+L-1 of this layer; with no mask (a prompt) the tokens
+    attend among themselves through `kernels.attention`, with a mask (decode steps, later chunks) to the cache
+    slots it shows. Returns (output, updated KVCache or None)."""
     b, l, _ = x.shape
     q = self.q_norm(self.q_proj(x).reshape(b, l, -1, self.head_dim))
     k = self.k_norm(self.k_proj(x).reshape(b, l, -1, self.head_dim))
     v = self.v_proj(x).reshape(b, l, -1, self.head_dim)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    kv, index, mask = cache if cache is not None else (None, 0, None)
+    kv, layer, index, mask = cache if cache is not None else (None, 0, 0, None)
     if kv is not None:
-      kv = kv.write(k, v, index)
+      kv = kv.write(layer, k, v, index)
     if mask is None:
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, implementation=self.attention_impl)
     else:
-      o = kv.attend(q, mask)
+      o = kv.attend(layer, q, mask)
     return self.o_proj(o.reshape(b, l, -1)), kv
 
 

@@ -114,13 +114,13 @@ class Qwen3VL(nnx.Module):
     cos, sin = self._rope(inputs.positions, x.dtype)
     segment_ids = inputs.segment_ids if mask is None else None
 
-    def body(layer, h, xs):
-      i, kv = xs
-      h, _, kv = layer(h, cos, sin, segment_ids, (kv, index, mask))
-      return _add_deepstack(h, deepstack, i), kv
+    def body(layer, carry, i):
+      h, kv = carry
+      h, _, kv = layer(h, cos, sin, segment_ids, (kv, i, index, mask))
+      return (_add_deepstack(h, deepstack, i), kv), None
 
-    x, cache = run_stack(self.layers, body, x, (jnp.arange(self.config.text.num_hidden_layers), cache),
-                         scan=self.config.scan_layers)
+    (x, cache), _ = run_stack(self.layers, body, (x, cache), jnp.arange(self.config.text.num_hidden_layers),
+                              scan=self.config.scan_layers)
     return self.logits(self.norm(x[:, -1:]))[:, 0], cache
 
   # ---------------------------------------------------------------------------------------------- host side
