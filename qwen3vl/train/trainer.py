@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwen3vl import hardware, hf
+from qwen3vl import hardware, hf, sharding
 from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
 from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
@@ -178,11 +178,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
   graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
+  mesh = sharding.make_mesh(config.mesh)
+  param_shardings = sharding.param_shardings(state, mesh)
+  params = jax.device_put(nnx.to_pure_dict(state), param_shardings)
   del model, state
   tx = make_optimizer(config.optim, config.train.steps, params)
-  train_state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                 "rng": jax.random.key_data(jax.random.key(config.seed))}
+  opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, params), param_shardings, mesh)
+  train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+                 "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), sharding.replicated(mesh))}
+  state_shardings = jax.tree.map(lambda x: x.sharding, train_state)
+  local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"]])
+  print(f"mesh: {dict(mesh.shape)}; parameters + optimizer state: {local / 2**20:.2f} MiB per device of "
+        f"{total / 2**20:.2f} MiB", flush=True)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"model: {cfg.model_type}, {n_params:,} parameters", flush=True)
 
@@ -190,13 +198,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loader, make_eval = make_loaders(config, tokenizer, cfg)
   start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
     train_state, data_state = ckpt.restore(start, abstract)
     loader.restore(data_state)
     print(f"resumed from step {start}", flush=True)
   start = int(train_state["step"])
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, config=config), donate_argnums=0)
+  # The new state keeps the old one's shardings (the compiler would otherwise be free to choose).
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, config=config), donate_argnums=0,
+                    out_shardings=(state_shardings, sharding.replicated(mesh)))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=config))
   lr = schedule(config.optim, config.train.steps)
   peak = hardware.peak_tflops(config)
@@ -206,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     step = start
     while step < config.train.steps and not stop.requested:
-      batch = next(loader)
+      batch = sharding.shard_batch(next(loader), mesh)
       if flops is None:  # first step: compile (cost analysis for MFU), run, and start the clock after it
         flops = _step_flops(step_fn, train_state, batch)
         train_state, metrics = jax.block_until_ready(step_fn(train_state, batch))
@@ -224,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.train.checkpoint_every == 0:
         ckpt.save(step, train_state, loader.state())
       if make_eval and (step % config.train.eval_every == 0 or step == config.train.steps):
-        last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches)
+        last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches, mesh)
         writer.write(step, last_eval)
         writer.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if stop.requested:
@@ -271,14 +281,14 @@ def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
   return record
 
 
-def evaluate(eval_fn, params, make_eval, max_batches: int) -> dict:
+def evaluate(eval_fn, params, make_eval, max_batches: int, mesh) -> dict:
   loader = make_eval()
   totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "exact": 0.0, "samples": 0.0, "batches": 0}
   try:
     for i, batch in enumerate(loader):
       if i >= max_batches:
         break
-      m = jax.device_get(eval_fn(params, batch))
+      m = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh)))
       totals["loss"] += float(m["loss/ce"]) * float(m["tokens"])
       for k in ("correct", "tokens", "exact", "samples"):
         totals[k] += float(m[k])

@@ -1,0 +1,155 @@
+"""Device mesh and sharding rules: logical axis names (in the model) -> mesh axes `data`, `fsdp`, `tensor`, `expert`.
+
+The model tags every parameter with logical names (`embed`, `mlp`, `heads`, `experts`, ...; see
+`model/layers.py`) and names no mesh axis. One rules table turns names into mesh axes, so data parallel, FSDP,
+tensor and expert parallel are the same code with different `config.mesh` sizes: FSDP shards the `embed` dimension
+of every weight, tensor parallelism the heads / MLP / vocabulary dimension, expert parallelism the experts, and the
+batch goes over every axis that is not tensor (the expert axis doubles as a data axis for the non-expert layers).
+A dimension a mesh axis does not divide stays whole (a tiny config on 8 devices still runs), and the sharding
+that results is what `describe` prints and the golden table in tests pins.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = ("data", "fsdp", "expert")  # mesh axes the batch (and the vision tower's patches) is split over
+
+# logical name -> mesh axis (or axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("out_embed", "fsdp"),
+    ("patch", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("experts", "expert"),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Sizes of (data, fsdp, expert, tensor) from config.mesh; at most one -1, which takes the remaining devices."""
+  sizes = {a: int(mesh_config.get(a, 1)) for a in AXES}
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1 or any(n == 0 or n < -1 for n in sizes.values()):
+    raise ValueError(f"config.mesh {sizes}: sizes must be >= 1, with at most one -1 (= the remaining devices)")
+  fixed = math.prod(n for n in sizes.values() if n != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh {sizes}: {num_devices} devices are not a multiple of {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh {sizes} needs {math.prod(sizes.values())} devices, {num_devices} are here")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, expert, tensor) mesh over `devices` (default: all), laid out by `jax.make_mesh` so the
+  innermost axes (tensor, then expert) land on the fastest links."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  # Auto axes: the compiler propagates shardings from the parameters and batch (no per-op annotations needed).
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+  """PartitionSpec for an array of `shape` whose dimensions have logical `names`. Each mesh axis is used once
+  (first dimension wins) and only where it divides the dimension; size-1 mesh axes are dropped."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]  # keep the longest prefix that divides
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def param_specs(state: nnx.State, mesh, rules=DEFAULT_RULES) -> dict:
+  """PartitionSpecs of a model's parameters (a pure dict shaped like `nnx.to_pure_dict(state)`); `mesh` may be
+  a `jax.sharding.AbstractMesh` (only its axis sizes are read)."""
+  names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = nnx.to_pure_dict(state)
+  return jax.tree.map(lambda spec, x: logical_to_spec(tuple(spec), np.shape(x), mesh, rules), names, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """NamedShardings of a model's parameters on `mesh` (see param_specs)."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(state, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+  """Sharding of a batch array: dimension `batch_dim` over the batch axes that are larger than 1."""
+  axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
+  spec = [None] * ndim
+  if axes:
+    spec[batch_dim] = axes
+  return NamedSharding(mesh, P(*spec))
+
+
+def describe(specs: dict) -> list[str]:
+  """'path: PartitionSpec' lines of a param_specs tree, sorted (for logs and the golden table in tests)."""
+  flat = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+  return sorted(f"{'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)}: {s}" for path, s in flat)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """A training batch placed on the mesh: every array split over the batch axes along its batch dimension
+  (dimension 1 of `positions` [3, B, L], 0 elsewhere, the vision tower's packed patch rows included), or
+  replicated where the batch axes do not divide that dimension."""
+  n = math.prod(mesh.shape[a] for a in BATCH)
+  out = {}
+  for key, x in batch.items():
+    dim = 1 if key == "positions" else 0
+    split = np.ndim(x) > dim and np.shape(x)[dim] % n == 0
+    out[key] = jax.device_put(x, batch_sharding(mesh, np.ndim(x), dim) if split else replicated(mesh))
+  return out
+
+
+def bytes_per_device(tree) -> tuple[int, int]:
+  """(bytes a device holds, bytes of the whole tree) for a tree of placed arrays."""
+  leaves = jax.tree.leaves(tree)
+  local = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  return local, sum(x.nbytes for x in leaves)
+
+
+def follow_params(tree, param_shardings: dict, mesh: Mesh) -> Any:
+  """Shardings for a tree that holds copies of the parameters (optimizer moments, ...): a leaf whose key path ends
+  with a parameter's path and has its shape gets that parameter's sharding; anything else (step counts) is
+  replicated. `tree` may hold arrays or ShapeDtypeStructs."""
+  by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(
+      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      s = by_path.get(tuple(path[start:]))
+      if s is not None and len(s.spec) <= len(np.shape(leaf)):
+        return s
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (scalars, step counters, metrics)."""
+  return NamedSharding(mesh, P())
