@@ -40,11 +40,6 @@ flags.DEFINE_enum("kv_cache", "auto", ["auto", "int8"], "KV cache storage: the c
 flags.DEFINE_integer("batch_size", 8, "--input prompts decoded together")
 
 
-def _user_turn(text: str, n_images: int, n_videos: int) -> dict:
-  content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
-  return {"role": "user", "content": content}
-
-
 def _as_list(x) -> list:
   return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -53,7 +48,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # answers on stdout, not kernel-choice and checkpoint logs
   import jax
-  from qwen3vl.infer.assistant import Assistant
+  from qwen3vl.infer.assistant import Assistant, user_turn
 
   assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype, kv_cache=FLAGS.kv_cache)
   options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
@@ -87,7 +82,7 @@ def main(argv):
       print(flush=True)
       images, videos = [], []
   elif FLAGS.prompt:
-    messages = system + [_user_turn(FLAGS.prompt, len(FLAGS.image), len(FLAGS.video))]
+    messages = system + [user_turn(FLAGS.prompt, len(FLAGS.image), len(FLAGS.video))]
     assistant.reply(messages, FLAGS.image, FLAGS.video, stream=show, rng=rng(), **options)
     print(flush=True)
   else:
@@ -96,6 +91,7 @@ def main(argv):
 
 def _answer_file(assistant, system, options, rng):
   """--input records answered --batch_size at a time, written (in order) to --output or stdout."""
+  from qwen3vl.infer.assistant import user_turn
   base = os.path.dirname(os.path.abspath(FLAGS.input))
   records, conversations = [], []
   with open(FLAGS.input) as f:
@@ -109,7 +105,7 @@ def _answer_file(assistant, system, options, rng):
       videos = [os.path.join(base, p) for p in _as_list(record.get("video") or record.get("videos"))]
       sys_msg = [{"role": "system", "content": record["system"]}] if record.get("system") else system
       records.append(record)
-      conversations.append((sys_msg + [_user_turn(record["prompt"], len(images), len(videos))], images, videos))
+      conversations.append((sys_msg + [user_turn(record["prompt"], len(images), len(videos))], images, videos))
   out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
   try:
     for start in range(0, len(records), FLAGS.batch_size):

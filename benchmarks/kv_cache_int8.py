@@ -27,7 +27,7 @@ def main():
   args = parser.parse_args()
 
   from qwen3vl.data.synthetic import make_record
-  from qwen3vl.infer.assistant import Assistant
+  from qwen3vl.infer.assistant import Assistant, user_turn
   from qwen3vl.model.kv_cache import KVCache
 
   assistants = {kv: Assistant(args.checkpoint, kv_cache=kv) for kv in ("auto", "int8")}
@@ -36,9 +36,8 @@ def main():
   seconds = {kv: 0.0 for kv in assistants}
   for start in range(0, len(records), args.batch):
     batch = records[start:start + args.batch]
-    conversations = [([{"role": "user", "content": [{"type": "image"},
-                                                   {"type": "text", "text": r["conversations"][0]["value"][8:]}]}],
-                      r["images"], []) for r in batch]
+    conversations = [([user_turn(r["conversations"][0]["value"][len("<image>\n"):], 1)], r["images"], [])
+                     for r in batch]
     for kv, assistant in assistants.items():
       if start == 0:  # compile outside the timing
         assistant.replies(conversations, max_new_tokens=8)

@@ -133,18 +133,17 @@ def bytes_per_device(tree) -> tuple[int, int]:
   return local, sum(x.nbytes for x in leaves)
 
 
-def follow_params(tree, param_shardings: dict, mesh: Mesh) -> Any:
-  """Shardings for a tree that holds copies of the parameters (optimizer moments, ...): a leaf whose key path ends
-  with a parameter's path and has its shape gets that parameter's sharding; anything else (step counts) is
-  replicated. `tree` may hold arrays or ShapeDtypeStructs."""
-  by_path = {tuple(path): s for path, s in jax.tree_util.tree_leaves_with_path(
-      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+def follow_params(tree, params, mesh: Mesh) -> Any:
+  """Shardings for a tree that holds copies of the placed `params` (optimizer moments, ...): a leaf whose key path
+  ends with a parameter's path and has its shape gets that parameter's sharding; anything else (step counts,
+  factored statistics) is replicated. `tree` may hold arrays or ShapeDtypeStructs."""
+  by_path = {tuple(path): p for path, p in jax.tree_util.tree_leaves_with_path(params)}
 
   def pick(path, leaf):
     for start in range(len(path)):
-      s = by_path.get(tuple(path[start:]))
-      if s is not None and len(s.spec) <= len(np.shape(leaf)):
-        return s
+      p = by_path.get(tuple(path[start:]))
+      if p is not None and p.shape == np.shape(leaf):
+        return p.sharding
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(pick, tree)

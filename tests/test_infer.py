@@ -9,7 +9,7 @@ import pytest
 
 from configs import moe
 from qwen3vl.data.synthetic import make_record
-from qwen3vl.infer.assistant import Assistant
+from qwen3vl.infer.assistant import Assistant, user_turn
 from qwen3vl.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ def test_chat_keeps_its_cache_and_streams(workdir):
   assert "".join(pieces) == one.text
   two = conversation.say("And the shape?", max_new_tokens=6)
   tok = assistant.tokenizer
-  user = lambda text, n: [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}]
+  user = lambda text, n: [user_turn(text, n)]
   first = assistant.inputs([{"role": "system", "content": "Be brief."}] + user("What colour?", 1), image)
   closing = [assistant.im_end] + tok.encode("\n")  # what the template puts after an answer
   second = assistant.inputs(user("And the shape?", 0))["input_ids"][0].tolist()

@@ -65,6 +65,12 @@ def _load_hf(path: str, dtype: str | None):
   return model, Tokenizer.from_file(path), ImageProcessor.from_pretrained(path), video, stops, "HF"
 
 
+def user_turn(text: str, n_images: int = 0, n_videos: int = 0) -> dict:
+  """A user message: its images, then its videos, then the text (the order the processors expect)."""
+  content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
+  return {"role": "user", "content": content}
+
+
 @dataclasses.dataclass
 class Reply:
   text: str
@@ -149,8 +155,7 @@ class Chat:
   def say(self, text: str, images: Sequence[Any] = (), videos: Sequence[Any] = (), *, max_new_tokens: int = 128,
           stop_strings: Sequence[str] = (), stream: Callable[[str], None] | None = None, **sampling) -> Reply:
     a = self.assistant
-    content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text", "text": text}]
-    user = [{"role": "user", "content": content}]
+    user = [user_turn(text, len(images), len(videos))]
     if self.state is None:
       inputs = a.inputs(self.system + user, images, videos)
     else:  # close the previous answer as the template would: its last token (unless a stop), then <|im_end|>\n

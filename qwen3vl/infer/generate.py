@@ -186,6 +186,5 @@ def _grow(state: DecodeState, needed: int) -> DecodeState:
   if needed <= size:
     return state
   extra = -(-needed // _GROW) * _GROW - size
-  pad = lambda a: None if a is None else jnp.pad(a, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 3))
-  cache = KVCache(*(pad(a) for a in (state.cache.k, state.cache.v, state.cache.k_scale, state.cache.v_scale)))
+  cache = jax.tree.map(lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 3)), state.cache)
   return dataclasses.replace(state, cache=cache, valid=jnp.pad(state.valid, ((0, 0), (0, extra))))

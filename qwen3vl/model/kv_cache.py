@@ -45,10 +45,6 @@ class KVCache:
   def quantized(self) -> bool:
     return self.k_scale is not None
 
-  @property
-  def size(self) -> int:
-    return self.k.shape[-3]
-
   def nbytes(self) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 

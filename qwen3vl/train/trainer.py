@@ -179,11 +179,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
   graphdef, state = nnx.split(model)
   mesh = sharding.make_mesh(config.mesh)
-  param_shardings = sharding.param_shardings(state, mesh)
-  params = jax.device_put(nnx.to_pure_dict(state), param_shardings)
+  params = jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
   del model, state
   tx = make_optimizer(config.optim, config.train.steps, params)
-  opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, params), param_shardings, mesh)
+  opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, params), params, mesh)
   train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
                  "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
                  "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), sharding.replicated(mesh))}
