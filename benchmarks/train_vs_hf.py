@@ -107,6 +107,7 @@ def our_step(path: str, samples, lr: float):
                  "rng": jax.random.key_data(jax.random.key(0))}
   B, L = len(samples), samples[0].length
   packer = Packer(B, L, sum(s.num_patches for s in samples), pack=False, patch_dim=samples[0].image_pixels.shape[1],
+                  image_token_id=IMAGE, video_token_id=VIDEO,
                   num_position_embeddings=model.config.vision.num_position_embeddings)
   batch, = packer.pack_all(samples)
   batch = jax.device_put(batch)

@@ -26,6 +26,12 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
   c.model.moe_impl = placeholder(str)  # ragged (grouped matmul) or dense (all experts); overlay: dense on CPU
   c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
+  # Rematerialization presets (qwen3vl/model/remat.py): none, full, dots_with_no_batch_dims, minimal,
+  # minimal_offload, custom (per tag: c.model.remat_custom = "q_proj:offload,attention:device"). Overlay: none
+  # on CPU, full on GPU/TPU; `python -m qwen3vl.tools.memory` shows what each costs for a given config.
+  c.model.remat = placeholder(str)
+  c.model.vision_remat = placeholder(str)
+  c.model.remat_custom = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA
@@ -57,7 +63,9 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.aux_loss_coef = 0.001  # MoE load balancing (HF's router_aux_loss_coef)
   c.loss.z_loss_coef = 0.001  # router z-loss
-  c.loss.vocab_chunk = 0  # > 0: cross-entropy over vocabulary chunks of this size (saves logits memory)
+  # > 0: cross-entropy over vocabulary chunks of this size: no [tokens, vocab] logits (20 GB for 32k tokens at
+  # the released vocabulary), the dominant temporary of a full-size train step without it.
+  c.loss.vocab_chunk = 0 if tiny else 16384
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1500 if tiny else 10000
@@ -69,4 +77,15 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.train.peak_tflops = placeholder(float)  # for the MFU estimate; None = from the device kind when known
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+  # Multi-host (qwen3vl/distributed.py): auto = join when a coordinator is given or the environment (SLURM, Open MPI,
+  # TPU pods, GKE) shows several processes; every process runs the same command.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = "auto"  # auto | yes | no
+  c.distributed.coordinator = placeholder(str)  # host:port of process 0
+  c.distributed.num_processes = placeholder(int)
+  c.distributed.process_id = placeholder(int)
+  c.distributed.initialization_timeout_s = 300  # give up joining after this long
+  c.distributed.heartbeat_timeout_s = 100  # a peer silent this long fails the run (no hang)
+  # Host offload: the optimizer state lives in pinned host memory between steps and is moved in for the update.
+  c.offload = ml_collections.ConfigDict({"optimizer_state": False})
   return c

@@ -11,9 +11,12 @@ import json
 import os
 from typing import Any
 
+from qwen3vl.model import remat
+
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size", "remat",
+                  "vision_remat", "remat_custom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,11 @@ class ModelConfig:
   # > 0: vision attention through kernels.block_sparse_attention over the per-image block layout, so packed images
   # cost the sum of their squared lengths (in blocks of this many patches); 0: kernels.attention with segment ids.
   vision_block_size: int = 128
+  # Rematerialization presets (model/remat.py) of the decoder layers and of the vision blocks, and the per-tag
+  # choice of the `custom` preset ("q_proj:offload,attention:device"; unnamed tags are recomputed).
+  remat: str = "none"
+  vision_remat: str = "none"
+  remat_custom: str = ""
 
   @property
   def model_type(self) -> str:
@@ -122,6 +130,12 @@ class ModelConfig:
       _check(len(kinds) == 1, "text.mlp_only_layers / decoder_sparse_step",
              "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
+    for field in ("remat", "vision_remat"):
+      _check(getattr(self, field) in remat.PRESETS, field, f"{getattr(self, field)!r} is not one of {remat.PRESETS}")
+    try:
+      remat.parse_custom(self.remat_custom)
+    except ValueError as e:
+      _check(False, "remat_custom", str(e))
     _check(self.vision_block_size >= 0, "vision_block_size", f"{self.vision_block_size} must be >= 0")
     return self
 

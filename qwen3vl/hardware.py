@@ -10,9 +10,11 @@ import jax
 # moe_impl: XLA:CPU runs ragged_dot as a slow loop, so on CPU (tiny expert counts) every expert on every token
 # is faster (tiny MoE train step 0.30 s against 0.40 s); accelerators get the grouped matmul.
 OVERLAYS = {
-    "cpu": {"model.dtype": "float32", "model.attention_impl": "xla", "model.moe_impl": "dense"},
-    "gpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged"},  # attention: Pallas / Triton / cuDNN, then XLA
-    "tpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged"},
+    "cpu": {"model.dtype": "float32", "model.attention_impl": "xla", "model.moe_impl": "dense",
+            "model.remat": "none", "model.vision_remat": "none"},
+    # attention: Pallas / Triton / cuDNN, then XLA
+    "gpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full", "model.vision_remat": "full"},
+    "tpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full", "model.vision_remat": "full"},
 }
 
 # Dense bf16 peak TFLOP/s per chip (vendor figures) for the MFU estimate.

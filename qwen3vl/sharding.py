@@ -34,6 +34,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("experts", "expert"),
+    # Activations: split over the batch axes, heads / MLP / vocabulary over tensor, the model width whole (so
+    # FSDP gathers weights, never activations).
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
@@ -83,6 +90,16 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return P(*spec)
 
 
+def constrain(x: jax.Array, names: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Pins an activation's sharding by logical names, under the mesh of the enclosing `jax.set_mesh` (the train
+  step sets it). Without one (a single device, generation, tests) it is a no-op, so the model code runs
+  unchanged everywhere; the constraints keep the partitioner from gathering a global batch anywhere."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
 def param_specs(state: nnx.State, mesh, rules=DEFAULT_RULES) -> dict:
   """PartitionSpecs of a model's parameters (a pure dict shaped like `nnx.to_pure_dict(state)`); `mesh` may be
   a `jax.sharding.AbstractMesh` (only its axis sizes are read)."""
@@ -113,17 +130,32 @@ def describe(specs: dict) -> list[str]:
   return sorted(f"{'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)}: {s}" for path, s in flat)
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """A training batch placed on the mesh: every array split over the batch axes along its batch dimension
-  (dimension 1 of `positions` [3, B, L], 0 elsewhere, the vision tower's packed patch rows included), or
-  replicated where the batch axes do not divide that dimension."""
+def batch_shardings(shapes: Mapping[str, Sequence[int]], mesh: Mesh) -> dict:
+  """Shardings of a training batch's arrays, by key and shape: each split over the batch axes along its batch
+  dimension (dimension 1 of `positions` [3, B, L], 0 elsewhere, the vision tower's packed patch rows included),
+  or replicated where the batch axes do not divide that dimension."""
   n = math.prod(mesh.shape[a] for a in BATCH)
   out = {}
-  for key, x in batch.items():
+  for key, shape in shapes.items():
     dim = 1 if key == "positions" else 0
-    split = np.ndim(x) > dim and np.shape(x)[dim] % n == 0
-    out[key] = jax.device_put(x, batch_sharding(mesh, np.ndim(x), dim) if split else replicated(mesh))
+    split = len(shape) > dim and shape[dim] % n == 0
+    out[key] = batch_sharding(mesh, len(shape), dim) if split else replicated(mesh)
   return out
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """A training batch placed on the mesh (see batch_shardings)."""
+  shardings = batch_shardings({k: np.shape(x) for k, x in batch.items()}, mesh)
+  return {k: jax.device_put(x, shardings[k]) for k, x in batch.items()}
+
+
+def place(tree, shardings) -> Any:
+  """Host values (the same on every process) -> global arrays with `shardings`; each process builds only its
+  own shards (`jax.make_array_from_callback`), which also works where a sharding spans several hosts."""
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(one, tree, shardings)
 
 
 def bytes_per_device(tree) -> tuple[int, int]:

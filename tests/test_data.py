@@ -23,6 +23,7 @@ from qwen3vl.model.vision import vision_geometry
 
 TOK = Tokenizer.builtin()
 IDS = TOK.special_ids
+PACK_IDS = dict(pad_id=IDS["pad"], image_token_id=IDS["image_token_id"], video_token_id=IDS["video_token_id"])
 NPE = 256  # tiny model's num_position_embeddings
 
 
@@ -258,7 +259,7 @@ def test_packing_layout(jsonl):
     samples = _samples(9)
     samples.insert(2, _video_sample(jsonl))
     samples.insert(7, _builder()(JsonlSource(jsonl)[1]))
-    packer = Packer(batch_size=4, max_length=90, max_patches=1024, pad_id=IDS["pad"], num_position_embeddings=NPE)
+    packer = Packer(batch_size=4, max_length=90, max_patches=1024, **PACK_IDS, num_position_embeddings=NPE)
     batches = packer.pack_all(samples)
     assert len(batches) == 1  # 11 samples, ~20-60 tokens each, fit 4 rows of 90
     b = batches[0]
@@ -326,13 +327,13 @@ def test_packing_layout(jsonl):
 
 def test_unpacked_and_budgets():
     samples = _samples(5)
-    packer = Packer(batch_size=2, max_length=128, max_patches=48, pack=False, pad_id=IDS["pad"],
+    packer = Packer(batch_size=2, max_length=128, max_patches=48, pack=False, **PACK_IDS,
                     num_position_embeddings=NPE)
     batches = packer.pack_all(samples)
     # one sample per row, 2 rows per batch, but only 3 images (48 patches) per batch
     assert [batch_stats(b)["samples"] for b in batches] == [2, 2, 1]
     assert all(b["segment_ids"].max(axis=1).tolist() in ([1, 1], [1, 0]) for b in batches)
-    packer = Packer(batch_size=2, max_length=128, max_patches=32, pad_id=IDS["pad"], num_position_embeddings=NPE)
+    packer = Packer(batch_size=2, max_length=128, max_patches=32, **PACK_IDS, num_position_embeddings=NPE)
     assert [batch_stats(b)["samples"] for b in packer.pack_all(samples)] == [2, 2, 1]  # patch budget closes
     assert packer.too_big(samples[0]) is None
     assert Packer(2, 16, 32).too_big(samples[0]) == "too_long"
@@ -419,7 +420,7 @@ def test_packed_batch_gives_per_sample_logits():
     graphdef, state = nnx.split(Qwen3VL(cfg, rngs=nnx.Rngs(0)))
     forward = jax.jit(lambda state, inputs: nnx.merge(graphdef, state).forward(inputs)[0])
     samples = _samples(5)
-    packer = Packer(2, 200, 128, pad_id=IDS["pad"], num_position_embeddings=cfg.vision.num_position_embeddings)
+    packer = Packer(2, 200, 128, **PACK_IDS, num_position_embeddings=cfg.vision.num_position_embeddings)
     b = packer.pack_all(samples)[0]
     assert batch_stats(b)["samples"] == 5
     packed = np.asarray(forward(state, to_model_inputs(b)))

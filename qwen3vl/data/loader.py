@@ -40,10 +40,13 @@ class Loader:
       own copy, so one Packer can configure several loaders.
     prefetch: batches built ahead in a background thread (0 = build in the caller's thread).
     workers: threads building samples in parallel (0 = in the producer thread).
+    shard: (index, count): visit only the records whose position in the epoch's order is index modulo count
+      (one share per process of a multi-host run; positions stay global, so resume points do too).
     """
 
     def __init__(self, source, packer: Packer, *, seed: int = 0, shuffle: bool = True, prefetch: int = 2,
-                 epochs: int | None = None, workers: int = 0, builder: SampleBuilder | None = None):
+                 epochs: int | None = None, workers: int = 0, builder: SampleBuilder | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         if len(source) == 0:
             raise ValueError(f"Loader got an empty source {source!r}")
         self.builder = builder or packer.builder
@@ -52,6 +55,9 @@ class Loader:
         self.source, self.packer = source, packer.clone()
         self.seed, self.shuffle, self.prefetch = int(seed), bool(shuffle), int(prefetch)
         self.epochs, self.workers = epochs, int(workers)
+        self.shard = (int(shard[0]), int(shard[1]))
+        if not 0 <= self.shard[0] < self.shard[1]:
+            raise ValueError(f"Loader shard {shard} must be (index, count) with 0 <= index < count")
         self._state = {"epoch": 0, "position": 0, "batches": 0, "skipped": {}}
         self._perm: tuple[int, np.ndarray] | None = None
         self._logged: collections.Counter = collections.Counter()
@@ -173,7 +179,8 @@ class Loader:
         n = len(self.source)
         while self.epochs is None or epoch < self.epochs:
             order = self._order(epoch)
-            for p in range(position, n):
+            index, count = self.shard
+            for p in range(position + (index - position) % count, n, count):
                 yield epoch, p, int(order[p])
             epoch, position = epoch + 1, 0
 

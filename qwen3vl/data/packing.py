@@ -19,13 +19,24 @@ import numpy as np
 
 from qwen3vl.data.datasets import Sample, SampleBuilder
 from qwen3vl.data.tokenizer import Tokenizer
-from qwen3vl.model.inputs import ModelInputs
+from qwen3vl.model.inputs import ModelInputs, visual_rows
 from qwen3vl.model.vision import VisionGeometry, vision_geometry
 
-__all__ = ["Packer", "to_model_inputs", "batch_stats", "BATCH_KEYS"]
+__all__ = ["Packer", "to_model_inputs", "batch_stats", "batch_shapes", "BATCH_KEYS"]
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "pixel_values", "vision_pos_index",
-              "vision_pos_weight", "vision_rowcol", "vision_segment_ids")
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "visual_rows", "pixel_values",
+              "vision_pos_index", "vision_pos_weight", "vision_rowcol", "vision_segment_ids")
+
+
+def batch_shapes(batch_size: int, max_length: int, max_patches: int, patch_dim: int) -> dict:
+    """{key: (shape, dtype)} of every batch the Packer makes with these sizes (also what the memory report
+    compiles the train step for, without building a batch)."""
+    B, L, P = batch_size, max_length, max_patches
+    return {"input_ids": ((B, L), np.int32), "targets": ((B, L), np.int32), "loss_mask": ((B, L), np.float32),
+            "segment_ids": ((B, L), np.int32), "positions": ((3, B, L), np.int32), "visual_rows": ((B, L), np.int32),
+            "pixel_values": ((P, patch_dim), np.float32), "vision_pos_index": ((P, 4), np.int32),
+            "vision_pos_weight": ((P, 4), np.float32), "vision_rowcol": ((P, 2), np.int32),
+            "vision_segment_ids": ((P,), np.int32)}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -47,7 +58,8 @@ class Packer:
     def __init__(self, batch_size: int, max_length: int, max_patches: int, *, pack: bool = True,
                  tokenizer: Tokenizer | None = None, builder: SampleBuilder | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, pad_id: int | None = None,
-                 patch_dim: int | None = None, merge_size: int = 2, num_position_embeddings: int = 2304):
+                 patch_dim: int | None = None, merge_size: int = 2, num_position_embeddings: int = 2304,
+                 image_token_id: int | None = None, video_token_id: int | None = None):
         if batch_size <= 0 or max_length <= 1:
             raise ValueError(f"Packer needs batch_size > 0 and max_length > 1, got {batch_size}, {max_length}")
         if max_patches < 0 or max_patches % (merge_size * merge_size):
@@ -63,6 +75,9 @@ class Packer:
         self.batch_size, self.max_length, self.max_patches = int(batch_size), int(max_length), int(max_patches)
         self.pack, self.pad_id, self.patch_dim = bool(pack), int(pad_id), int(patch_dim)
         self.merge, self.num_position_embeddings = int(merge_size), int(num_position_embeddings)
+        ids = builder.tokenizer.special_ids if builder is not None else {}
+        self.image_token_id = int(image_token_id if image_token_id is not None else ids.get("image_token_id", 151655))
+        self.video_token_id = int(video_token_id if video_token_id is not None else ids.get("video_token_id", 151656))
         self._reset()
 
     def clone(self) -> "Packer":
@@ -118,14 +133,9 @@ class Packer:
 
     def flush(self) -> dict:
         """The pending batch as a dict of fixed-shape numpy arrays (BATCH_KEYS), and start a new one."""
-        B, L, P = self.batch_size, self.max_length, self.max_patches
-        batch = {
-            "input_ids": np.full((B, L), self.pad_id, np.int32),
-            "targets": np.full((B, L), self.pad_id, np.int32),
-            "loss_mask": np.zeros((B, L), np.float32),
-            "segment_ids": np.zeros((B, L), np.int32),
-            "positions": np.zeros((3, B, L), np.int32),
-        }
+        shapes = batch_shapes(self.batch_size, self.max_length, self.max_patches, self.patch_dim)
+        batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
+        batch["input_ids"][:] = batch["targets"][:] = self.pad_id
         for r, row in enumerate(self.rows):
             off = 0
             for seg, s in enumerate(row, start=1):
@@ -136,16 +146,12 @@ class Packer:
                 batch["segment_ids"][r, sl] = seg
                 batch["positions"][:, r, sl] = s.positions
                 off += s.length
+        batch["visual_rows"][:] = visual_rows(batch["input_ids"], self.image_token_id, self.video_token_id)
         ordered = [s for row in self.rows for s in row]  # row-major token order
         pixels = [s.image_pixels for s in ordered] + [s.video_pixels for s in ordered]
         grids = [s.image_grid_thw for s in ordered] + [s.video_grid_thw for s in ordered]
         grids = np.concatenate([np.zeros((0, 3), np.int64)] + [np.asarray(g, np.int64).reshape(-1, 3) for g in grids])
         n = self._patches
-        batch["pixel_values"] = np.zeros((P, self.patch_dim), np.float32)
-        batch["vision_pos_index"] = np.zeros((P, 4), np.int32)
-        batch["vision_pos_weight"] = np.zeros((P, 4), np.float32)
-        batch["vision_rowcol"] = np.zeros((P, 2), np.int32)
-        batch["vision_segment_ids"] = np.zeros((P,), np.int32)
         if n:
             batch["pixel_values"][:n] = np.concatenate(pixels)
             off, seg = 0, 0
@@ -190,4 +196,5 @@ def to_model_inputs(batch: dict) -> ModelInputs:
         input_ids=batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
         pixel_values=batch["pixel_values"] if has_vision else None,
         vision=VisionGeometry(batch["vision_pos_index"], batch["vision_pos_weight"], batch["vision_rowcol"],
-                              batch["vision_segment_ids"]) if has_vision else None)
+                              batch["vision_segment_ids"]) if has_vision else None,
+        visual_rows=batch["visual_rows"] if has_vision else None)

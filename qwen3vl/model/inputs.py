@@ -26,6 +26,19 @@ class ModelInputs:
   # (segment id 0, never scattered) that keep the shape fixed across training batches.
   pixel_values: np.ndarray | None = None  # [N, patch_dim]
   vision: VisionGeometry | None = None
+  visual_rows: np.ndarray | None = None  # [B, L] int32: row of the merged visual features per token, -1 = text
+
+
+def visual_rows(input_ids, image_token_id: int, video_token_id: int) -> np.ndarray:
+  """[B, L] int32: for each image / video pad token the row of the tower's merged output it takes, -1 for text.
+  Merged rows hold the images in row-major token order, then the videos (the layout `prepare_inputs` and the
+  Packer give the tower); a batch assembled from several hosts' blocks adds each block's offset."""
+  ids = np.asarray(input_ids)
+  image, video = ids == image_token_id, ids == video_token_id
+  rows = np.full(ids.shape, -1, np.int32)
+  rows[image] = np.arange(int(image.sum()))
+  rows[video] = int(image.sum()) + np.arange(int(video.sum()))
+  return rows
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, *, pixel_values=None, image_grid_thw=None,
@@ -73,5 +86,6 @@ def prepare_inputs(cfg: ModelConfig, input_ids, *, pixel_values=None, image_grid
       input_ids=ids.astype(np.int32), positions=np.asarray(positions, np.int32),
       segment_ids=(mask != 0).astype(np.int32),
       pixel_values=np.concatenate(pixels) if pixels else None,
-      vision=vision_geometry(np.concatenate(grids), cfg.vision.num_position_embeddings, merge) if grids else None)
+      vision=vision_geometry(np.concatenate(grids), cfg.vision.num_position_embeddings, merge) if grids else None,
+      visual_rows=visual_rows(ids, cfg.image_token_id, cfg.video_token_id) if grids else None)
   return inputs, np.asarray(deltas)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen3vl.model.remat import tag as checkpoint_tag
+
 Axes = Sequence[str | None]
 _default_init = nnx.initializers.normal(0.02)
 
@@ -29,18 +31,20 @@ def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel [in, out] in param dtype, computed in the activation dtype."""
+  """y = x @ kernel (+ bias); kernel [in, out] in param dtype, computed in the activation dtype. `tag` names the
+  output for the rematerialization policies (see model/remat.py)."""
 
-  def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+               tag: str | None = None):
     self.kernel = param(rngs, (d_in, d_out), axes, param_dtype)
     self.bias = param(rngs, (d_out,), axes[-1:], param_dtype, nnx.initializers.zeros) if bias else None
-    self.dtype = dtype
+    self.dtype, self.tag = dtype, tag
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = _matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return checkpoint_tag(y, self.tag) if self.tag else y
 
 
 class LayerNorm(nnx.Module):

@@ -4,15 +4,32 @@ Two paths, one numeric definition: "ragged" (dropless: the token copies are sort
 run as `jax.lax.ragged_dot`, so compute follows the routed load) and "dense" (every expert on every token,
 weighted by a scattered weight matrix; the reference the tests compare against). Expert weights use the
 released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
+
+On a mesh (under `jax.set_mesh`, as the train step runs) the ragged path is a `shard_map` over the batch axes:
+each device routes its own tokens (no global sort), FSDP gathers the weights, and with an `expert` axis of size
+n each device holds E/n experts: the tokens of its expert group are all-gathered along `expert`, the device runs
+its own experts on the copies routed to them, and a reduce-scatter returns every token's sum home. Expert
+weights and their compute stay at 1/n per device; activations cost n x the local tokens (an all-to-all that
+sends each copy only where its expert lives is the next step). The tensor axis is not split inside the experts.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.layers import param
+from qwen3vl.model.remat import tag as checkpoint_tag
+from qwen3vl.sharding import BATCH
+
+
+# The grouped matmul of the ragged path (a module attribute so the memory report can swap in a stand-in of the
+# same shapes: XLA:CPU expands ragged_dot to every expert, GPU and TPU lower it to a grouped matmul).
+grouped_matmul = jax.lax.ragged_dot
 
 
 class MoE(nnx.Module):
@@ -46,22 +63,49 @@ class MoE(nnx.Module):
     return jax.nn.silu(gate) * up
 
   def _ragged(self, x, weights, experts):
+    gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = tuple(a for a in BATCH if not mesh.empty and mesh.shape[a] > 1)
+    if not batch_axes:
+      return self._routed(x, weights, experts, gate_up, down, 0)
+    expert_axis = "expert" if mesh.shape["expert"] > 1 and gate_up.shape[0] % mesh.shape["expert"] == 0 else None
+    if x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+      raise ValueError(f"MoE: {x.shape[0]} tokens do not split over the batch axes {batch_axes} of {mesh}")
+    tokens = P(batch_axes)
+    expert_weights = P(expert_axis)  # whole over fsdp / tensor: shard_map's input gathers them
+
+    def local(x, weights, experts, gate_up, down):
+      if expert_axis is None:
+        return self._routed(x, weights, experts, gate_up, down, 0)
+      gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
+      first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
+      y = self._routed(gather(x), gather(weights), gather(experts), gate_up, down, first)
+      return jax.lax.psum_scatter(y, expert_axis, tiled=True)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_weights, expert_weights),
+                         out_specs=tokens)(x, weights, experts, gate_up, down)
+
+  def _routed(self, x, weights, experts, gate_up, down, first):
+    """Token copies routed to experts first..first+len(gate_up)-1 (sorted by expert, `grouped_matmul`); copies
+    for other experts sort last, outside every group, and add nothing."""
     t, k = experts.shape
-    num_experts = self.gate_up.shape[0]
-    flat = experts.reshape(-1)
+    flat = experts.reshape(-1) - first
+    mine = (flat >= 0) & (flat < gate_up.shape[0])
+    flat = jnp.where(mine, flat, gate_up.shape[0])
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    xs = x[token]
-    h = jax.lax.ragged_dot(xs, self.gate_up[...].astype(self.dtype), group_sizes)
-    out = jax.lax.ragged_dot(self._expert_mlp(h), self.down[...].astype(self.dtype), group_sizes)
-    out = out * weights.reshape(-1)[order][:, None]
+    group_sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
+    h = checkpoint_tag(grouped_matmul(x[token], gate_up, group_sizes), "moe_gate_up")
+    out = checkpoint_tag(grouped_matmul(self._expert_mlp(h), down, group_sizes), "moe_down")
+    scale = jnp.where(mine, weights.reshape(-1), 0)[order]
+    out = jnp.where(mine[order][:, None], out, 0) * scale[:, None]  # rows past the groups are not defined
     return jnp.zeros_like(x).at[token].add(out)
 
   def _dense(self, x, weights, experts):
     num_experts = self.gate_up.shape[0]
     scatter = jnp.zeros((x.shape[0], num_experts), self.dtype)
     scatter = scatter.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)
-    h = jnp.einsum("th,ehi->eti", x, self.gate_up[...].astype(self.dtype))
+    h = checkpoint_tag(jnp.einsum("th,ehi->eti", x, self.gate_up[...].astype(self.dtype)), "moe_gate_up")
     y = jnp.einsum("eti,eih->eth", self._expert_mlp(h), self.down[...].astype(self.dtype))
+    y = checkpoint_tag(y, "moe_down")
     return jnp.einsum("eth,te->th", y, scatter)

@@ -2,7 +2,8 @@
 
 The parameters are always stored stacked (leading `layers` axis), so checkpoints do not depend on
 `scan_layers`; the switch only changes how the stack is executed (one compiled body vs. unrolled), and both
-paths run the same per-layer function, so they give identical numbers.
+paths run the same per-layer function, so they give identical numbers. Rematerialization wraps that
+per-layer function in `jax.checkpoint` (see remat.py), so a policy decides per layer what the backward keeps.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from qwen3vl.model import remat as remat_lib
 
 
 def build_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -31,8 +34,12 @@ def slice_stack(stack: nnx.Module, start: int, stop: int) -> nnx.Module:
 
 
 def run_stack(stack: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry, xs=None, *,
-              scan: bool = True):
-  """(carry, y) = body(layer, carry, x) for each layer; returns (carry, ys stacked over layers)."""
+              scan: bool = True, remat: str = "none", remat_custom: str = ""):
+  """(carry, y) = body(layer, carry, x) for each layer; returns (carry, ys stacked over layers). `remat` is a
+  preset of remat.py applied to each layer."""
+  policy = remat_lib.policy(remat, remat_custom)
+  if remat != "none":  # inside a scan the loop already keeps XLA from merging forward and recomputation
+    body = nnx.remat(body, policy=policy, prevent_cse=not scan)
   if scan:
     @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
               transform_metadata={nnx.PARTITION_NAME: "layers"})

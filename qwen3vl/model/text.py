@@ -13,6 +13,10 @@ import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
 from qwen3vl.model.layers import Linear, RMSNorm
+from qwen3vl.model.remat import tag as checkpoint_tag
+from qwen3vl.sharding import constrain
+
+HEADS = ("batch", "length", "act_heads", None)  # [B, L, heads, head_dim]
 from qwen3vl.model.moe import MoE
 
 
@@ -20,10 +24,11 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.q_proj = Linear(t.hidden_size, t.num_attention_heads * t.head_dim, ("embed", "heads"), bias=False, **kw)
-    self.k_proj = Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, ("embed", "kv_heads"), bias=False, **kw)
-    self.v_proj = Linear(t.hidden_size, t.num_key_value_heads * t.head_dim, ("embed", "kv_heads"), bias=False, **kw)
-    self.o_proj = Linear(t.num_attention_heads * t.head_dim, t.hidden_size, ("heads", "embed"), bias=False, **kw)
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    self.q_proj = Linear(t.hidden_size, q, ("embed", "heads"), bias=False, tag="q_proj", **kw)
+    self.k_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="k_proj", **kw)
+    self.v_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="v_proj", **kw)
+    self.o_proj = Linear(q, t.hidden_size, ("heads", "embed"), bias=False, tag="o_proj", **kw)
     self.q_norm = RMSNorm(t.head_dim, ("head_dim",), eps=t.rms_norm_eps, **kw)
     self.k_norm = RMSNorm(t.head_dim, ("head_dim",), eps=t.rms_norm_eps, **kw)
     self.head_dim, self.attention_impl = t.head_dim, cfg.attention_impl
@@ -34,9 +39,9 @@ class Attention(nnx.Module):
     attend among themselves through `kernels.attention`, with a mask (decode steps, later chunks) to the cache
     slots it shows. Returns (output, updated KVCache or None)."""
     b, l, _ = x.shape
-    q = self.q_norm(self.q_proj(x).reshape(b, l, -1, self.head_dim))
-    k = self.k_norm(self.k_proj(x).reshape(b, l, -1, self.head_dim))
-    v = self.v_proj(x).reshape(b, l, -1, self.head_dim)
+    q = self.q_norm(constrain(self.q_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
+    k = self.k_norm(constrain(self.k_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
+    v = constrain(self.v_proj(x).reshape(b, l, -1, self.head_dim), HEADS)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     kv, layer, index, mask = cache if cache is not None else (None, 0, 0, None)
     if kv is not None:
@@ -45,6 +50,7 @@ class Attention(nnx.Module):
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, implementation=self.attention_impl)
     else:
       o = kv.attend(layer, q, mask)
+    o = checkpoint_tag(o, "attention")
     return self.o_proj(o.reshape(b, l, -1)), kv
 
 
@@ -52,12 +58,14 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.gate_proj = Linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, **kw)
-    self.up_proj = Linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, **kw)
-    self.down_proj = Linear(t.intermediate_size, t.hidden_size, ("mlp", "embed"), bias=False, **kw)
+    h, i = t.hidden_size, t.intermediate_size
+    self.gate_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_gate", **kw)
+    self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_up", **kw)
+    self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, tag="mlp_down", **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ("batch", "length", "act_mlp")))
 
 
 class DecoderLayer(nnx.Module):

@@ -21,7 +21,11 @@ import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
 from qwen3vl.model.layers import LayerNorm, Linear, param
+from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.model.stack import build_stack, run_stack, slice_stack
+from qwen3vl.sharding import constrain
+
+PATCHES = ("batch", "act_embed")  # the packed patch rows are split like the batch (sharding.shard_batch)
 
 
 @jax.tree_util.register_dataclass
@@ -82,10 +86,10 @@ class VisionBlock(nnx.Module):
     d = v.hidden_size
     self.norm1 = LayerNorm(d, ("embed",), eps=v.layer_norm_eps, **kw)
     self.norm2 = LayerNorm(d, ("embed",), eps=v.layer_norm_eps, **kw)
-    self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, **kw)
-    self.proj = Linear(d, d, ("heads", "embed"), bias=True, **kw)
-    self.fc1 = Linear(d, v.intermediate_size, ("embed", "mlp"), bias=True, **kw)
-    self.fc2 = Linear(v.intermediate_size, d, ("mlp", "embed"), bias=True, **kw)
+    self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, tag="vision_qkv", **kw)
+    self.proj = Linear(d, d, ("heads", "embed"), bias=True, tag="vision_proj", **kw)
+    self.fc1 = Linear(d, v.intermediate_size, ("embed", "mlp"), bias=True, tag="vision_fc1", **kw)
+    self.fc2 = Linear(v.intermediate_size, d, ("mlp", "embed"), bias=True, tag="vision_fc2", **kw)
     self.num_heads, self.attention_impl = v.num_heads, cfg.attention_impl
     self.block_size = cfg.vision_block_size
 
@@ -102,6 +106,7 @@ class VisionBlock(nnx.Module):
     else:  # only the blocks that hold patches of one image are computed
       o = kernels.block_sparse_attention(q[None], k[None], v[None], layout, block_size=self.block_size,
                                          segment_ids=segment_ids[None], implementation=self.attention_impl)[0]
+    o = checkpoint_tag(o, "vision_attention")
     x = x + self.proj(o.reshape(n, d))
     return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True))
 
@@ -136,13 +141,14 @@ class VisionTower(nnx.Module):
                                        for _ in v.deepstack_visual_indexes])
     self.cfg = v
     self.scan, self.dtype, self.block_size = cfg.scan_layers, cfg.dtype, cfg.vision_block_size
+    self.remat, self.remat_custom = cfg.vision_remat, cfg.remat_custom
 
   def __call__(self, pixels: jax.Array, geometry: VisionGeometry):
     """pixels [N, patch_dim] -> (merged [N/4, out], deepstack [levels, N/4, out])."""
     x = self.patch_embed(pixels)
     table = self.pos_embed[...]
     pos = (jnp.take(table, geometry.pos_index, axis=0) * geometry.pos_weight[..., None]).sum(1)
-    x = x + pos.astype(x.dtype)
+    x = constrain(x + pos.astype(x.dtype), PATCHES)
     cos, sin = rope.vision_cos_sin(geometry.rowcol, self.cfg.head_dim, self.cfg.rope_theta)
     layout = None
     if self.block_size:
@@ -150,12 +156,13 @@ class VisionTower(nnx.Module):
       layout = kernels.segment_layout(seg, seg, self.block_size)[0]
 
     def body(block, h, _):
-      return block(h, cos, sin, geometry.segment_ids, layout), None
+      return constrain(block(h, cos, sin, geometry.segment_ids, layout), PATCHES), None
 
     taps, start = [], 0
     for stop in [i + 1 for i in self.cfg.deepstack_visual_indexes] + [self.cfg.depth]:
       if stop > start:
-        x, _ = run_stack(slice_stack(self.blocks, start, stop), body, x, scan=self.scan)
+        x, _ = run_stack(slice_stack(self.blocks, start, stop), body, x, scan=self.scan, remat=self.remat,
+                         remat_custom=self.remat_custom)
       taps.append(x)
       start = stop
     deepstack = [m(t) for m, t in zip(self.deepstack_mergers, taps)]

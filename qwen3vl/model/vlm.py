@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3vl.config import ModelConfig
+from qwen3vl.sharding import constrain
 from qwen3vl.model import rope
 from qwen3vl.model.inputs import ModelInputs, prepare_inputs
 from qwen3vl.model.kv_cache import KVCache
@@ -24,6 +25,9 @@ from qwen3vl.model.layers import Embed, Linear, RMSNorm
 from qwen3vl.model.stack import build_stack, run_stack
 from qwen3vl.model.text import DecoderLayer
 from qwen3vl.model.vision import VisionTower
+
+
+HIDDEN = ("batch", "length", "act_embed")  # logical axes of the decoder's hidden states (see sharding.py)
 
 
 class Qwen3VL(nnx.Module):
@@ -42,20 +46,13 @@ class Qwen3VL(nnx.Module):
   # ------------------------------------------------------------------------------------------- device side
   def embed_inputs(self, inputs: ModelInputs):
     """Token embeddings with visual features scattered in, and the dense DeepStack tensor (or None)."""
-    cfg = self.config
     x = self.embed(inputs.input_ids)
     if inputs.pixel_values is None:
       return x, None
     merged, deepstack = self.visual(inputs.pixel_values, inputs.vision)
     ds = jnp.zeros((deepstack.shape[0],) + x.shape, x.dtype)
-    # Merged rows hold the images (in token order), then the videos: each modality fills its pad tokens in
-    # row-major order, videos starting after the last image row. Padding rows past them are never read.
-    image = inputs.input_ids == cfg.image_token_id
-    video = inputs.input_ids == cfg.video_token_id
-    image_row = jnp.cumsum(image.reshape(-1)).reshape(image.shape) - 1
-    video_row = jnp.cumsum(video.reshape(-1)).reshape(video.shape) - 1 + image.sum()
-    row = jnp.clip(jnp.where(image, image_row, video_row), 0, merged.shape[0] - 1)
-    visual = (image | video)[..., None]
+    visual = (inputs.visual_rows >= 0)[..., None]  # rows computed on the host (inputs.visual_rows)
+    row = jnp.clip(inputs.visual_rows, 0, merged.shape[0] - 1)
     x = jnp.where(visual, merged[row].astype(x.dtype), x)
     ds = jnp.where(visual[None], deepstack[:, row].astype(x.dtype), ds)
     return x, ds
@@ -65,15 +62,16 @@ class Qwen3VL(nnx.Module):
     states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss)."""
     cfg, t = self.config, self.config.text
     x, deepstack = self.embed_inputs(inputs)
+    x = constrain(x, HIDDEN)
     cos, sin = self._rope(inputs.positions, x.dtype)
 
     def body(layer, h, i):
       h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
-      h = _add_deepstack(h, deepstack, i)
+      h = constrain(_add_deepstack(h, deepstack, i), HIDDEN)
       return h, (router_logits, h if return_hidden_states else None)
 
     x, (router_logits, hidden) = run_stack(self.layers, body, x, jnp.arange(t.num_hidden_layers),
-                                           scan=cfg.scan_layers)
+                                           scan=cfg.scan_layers, remat=cfg.remat, remat_custom=cfg.remat_custom)
     x = self.norm(x)
     extras = {"router_logits": router_logits}
     if return_hidden_states:
@@ -89,7 +87,7 @@ class Qwen3VL(nnx.Module):
   def logits(self, x):
     """Final-normed hidden states -> float32 logits (tied embedding or LM head)."""
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-    return logits.astype(jnp.float32)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab")[-logits.ndim:])
 
   # ------------------------------------------------------------------------------------- generation (device)
   def new_cache(self, batch: int, size: int, kv_dtype: str = "auto") -> KVCache:

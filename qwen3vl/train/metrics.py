@@ -11,10 +11,13 @@ from tqdm import tqdm
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0):
-    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, *, enabled: bool = True):
+    """enabled=False (the other processes of a multi-host run): no file, no bar, text still printed."""
+    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, disable=not enabled)
     self.tb = None
+    if not enabled:
+      return
     try:  # optional
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -23,6 +26,8 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict):
     record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+    if self.file is None:
+      return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     if self.tb is not None:
@@ -42,7 +47,8 @@ class MetricsWriter:
 
   def close(self):
     self.bar.close()
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.tb is not None:
       self.tb.close()
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwen3vl import hardware, hf, sharding
+from qwen3vl import distributed, hardware, hf, sharding
 from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
 from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
@@ -34,15 +34,17 @@ from qwen3vl.train.optim import make_optimizer, schedule
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
-def model_config(config, tokenizer: Tokenizer) -> ModelConfig:
+def model_config(config, tokenizer: Tokenizer | None = None) -> ModelConfig:
   """The model's config: from `init_from_hf`'s config.json, or the preset; token ids must agree with the
-  tokenizer (an error names the field otherwise)."""
+  tokenizer when one is given (an error names the field otherwise)."""
   runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
   if config.init_from_hf:
     cfg = ModelConfig.from_pretrained(config.init_from_hf, **runtime)
   else:
     fields = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_FIELDS}
     cfg = ModelConfig.from_dict({**fields, **runtime})
+  if tokenizer is None:
+    return cfg
   ids = tokenizer.special_ids
   for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
     if getattr(cfg, field) != ids[field]:
@@ -74,11 +76,13 @@ def validate(config):
 
 
 def make_loaders(config, tokenizer, model_cfg):
+  """(train loader, eval loader factory) of this process's share of every batch (all of it on one process)."""
   d, v = config.data, model_cfg.vision
   image_processor, video_processor = processors_for(v, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
   builder = SampleBuilder(tokenizer, max_length=d.max_length, image_processor=image_processor,
                           video_processor=video_processor)
-  packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=d.pack, builder=builder,
+  packer = Packer(distributed.local_share(d.batch_size, "data.batch_size"), d.max_length,
+                  distributed.local_share(d.max_patches, "data.max_patches"), pack=d.pack, builder=builder,
                   merge_size=v.spatial_merge_size, num_position_embeddings=v.num_position_embeddings)
   if d.train_path:
     train_src = JsonlSource(d.train_path)
@@ -86,9 +90,10 @@ def make_loaders(config, tokenizer, model_cfg):
   else:
     train_src = SyntheticSource("train", d.synthetic_train_size, d.image_size, config.seed)
     eval_src = SyntheticSource("eval", d.synthetic_eval_size, d.image_size, config.seed)
-  train = Loader(train_src, packer, seed=config.seed, shuffle=True, prefetch=d.prefetch)
+  shard = (jax.process_index(), jax.process_count())
+  train = Loader(train_src, packer, seed=config.seed, shuffle=True, prefetch=d.prefetch, shard=shard)
   make_eval = (lambda: Loader(eval_src, packer, seed=config.seed, shuffle=False, prefetch=d.prefetch,
-                              epochs=1)) if eval_src else None
+                              epochs=1, shard=shard)) if eval_src else None
   return train, make_eval
 
 
@@ -121,14 +126,56 @@ def _loss_and_metrics(graphdef, params, batch, config):
   return loss, metrics
 
 
-def train_step(state, batch, *, graphdef, tx, config):
+def train_step(state, batch, *, graphdef, tx, config, opt_on_device=None):
+  """One update. `opt_on_device`: shardings that bring an offloaded optimizer state into device memory."""
   grads, metrics = jax.grad(lambda p: _loss_and_metrics(graphdef, p, batch, config), has_aux=True)(
       state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  opt_state = state["opt_state"]
+  if opt_on_device is not None:
+    opt_state = jax.device_put(opt_state, opt_on_device)
+  updates, opt_state = tx.update(grads, opt_state, state["params"])
   params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
   metrics["grad_norm"] = _global_norm(grads)
   new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
   return new, metrics
+
+
+def state_shardings(params, tx, mesh, config) -> dict:
+  """Shardings of the train state {params, opt_state, step, rng}: parameters as placed (`params` may be
+  ShapeDtypeStructs), optimizer moments following their parameter, in pinned host memory with
+  `config.offload.optimizer_state`; step and RNG replicated."""
+  opt = sharding.follow_params(jax.eval_shape(tx.init, params), params, mesh)
+  if config.offload.optimizer_state:
+    opt = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt)
+  return {"params": jax.tree.map(lambda p: p.sharding, params), "opt_state": opt,
+          "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh)}
+
+
+class TrainStep:
+  """`train_step` jitted with the state donated and its shardings kept (the compiler would otherwise be free to
+  choose). An offloaded optimizer state is moved into device memory for the update and back to pinned host
+  memory by the output shardings; it is passed apart and not donated (XLA:CPU cannot alias host buffers)."""
+
+  def __init__(self, graphdef, tx, config, shardings: dict, mesh):
+    self.offload = bool(config.offload.optimizer_state)
+    on_device = (jax.tree.map(lambda s: s.with_memory_kind("device"), shardings["opt_state"])
+                 if self.offload else None)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config, opt_on_device=on_device)
+    self._jit = jax.jit(lambda donated, kept, batch: step({**donated, **kept}, batch), donate_argnums=0,
+                        out_shardings=(shardings, sharding.replicated(mesh)))
+    self.mesh = mesh  # traced under it: activation constraints and the MoE shard_map read it
+
+  def _split(self, state):
+    kept = ("opt_state",) if self.offload else ()
+    return {k: v for k, v in state.items() if k not in kept}, {k: state[k] for k in kept}
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh):
+      return self._jit(*self._split(state), batch)
+
+  def lower(self, state, batch):
+    with jax.set_mesh(self.mesh):
+      return self._jit.lower(*self._split(state), batch)
 
 
 def eval_step(params, batch, *, graphdef, config):
@@ -160,36 +207,41 @@ class _Stop:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) a training run in `workdir`; returns the last eval metrics."""
+  """Runs (or resumes) a training run in `workdir`; returns the last eval metrics. In a multi-host job every
+  process runs this; the first writes the work directory's files and metrics."""
+  distributed.initialize(config.distributed)  # before anything starts the backend
+  primary = distributed.is_primary()
   platform = hardware.apply_overlay(config)
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   print(f"platform: {platform} ({jax.devices()[0].device_kind}); resolved config:\n{config}", flush=True)
 
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.tokenizer else Tokenizer.builtin()
-  tokenizer.save(os.path.join(workdir, "tokenizer.json"))  # the work directory is self-contained for infer.py
   cfg = model_config(config, tokenizer)
-  with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
+  if primary:
+    tokenizer.save(os.path.join(workdir, "tokenizer.json"))  # the work directory is self-contained for infer.py
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
   if config.init_from_hf:
     model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
   else:
     model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
   graphdef, state = nnx.split(model)
   mesh = sharding.make_mesh(config.mesh)
-  params = jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
+  params = sharding.place(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
   del model, state
   tx = make_optimizer(config.optim, config.train.steps, params)
-  opt_shardings = sharding.follow_params(jax.eval_shape(tx.init, params), params, mesh)
-  train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-                 "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
-                 "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), sharding.replicated(mesh))}
-  state_shardings = jax.tree.map(lambda x: x.sharding, train_state)
+  shardings = state_shardings(params, tx, mesh, config)
+  train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+                 "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
+                 "rng": sharding.place(jax.random.key_data(jax.random.key(config.seed)), shardings["rng"])}
   local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"]])
+  where = " (optimizer state in pinned host memory)" if config.offload.optimizer_state else ""
   print(f"mesh: {dict(mesh.shape)}; parameters + optimizer state: {local / 2**20:.2f} MiB per device of "
-        f"{total / 2**20:.2f} MiB", flush=True)
+        f"{total / 2**20:.2f} MiB{where}", flush=True)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"model: {cfg.model_type}, {n_params:,} parameters", flush=True)
 
@@ -197,25 +249,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loader, make_eval = make_loaders(config, tokenizer, cfg)
   start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
+    # Restored into device memory, then placed (an offloaded optimizer state goes back to pinned host memory).
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding.with_memory_kind("device")),
+                            train_state)
     train_state, data_state = ckpt.restore(start, abstract)
-    loader.restore(data_state)
+    train_state = jax.device_put(train_state, shardings)
+    loader.restore(data_state["processes"][jax.process_index()] if "processes" in data_state else data_state)
     print(f"resumed from step {start}", flush=True)
   start = int(train_state["step"])
 
-  # The new state keeps the old one's shardings (the compiler would otherwise be free to choose).
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, config=config), donate_argnums=0,
-                    out_shardings=(state_shardings, sharding.replicated(mesh)))
+  step_fn = TrainStep(graphdef, tx, config, shardings, mesh)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=config))
   lr = schedule(config.optim, config.train.steps)
   peak = hardware.peak_tflops(config)
-  writer = MetricsWriter(workdir, config.train.steps, start)
+  writer = MetricsWriter(workdir, config.train.steps, start, enabled=primary)
+  merge = cfg.vision.spatial_merge_size
+
+  def data_state():  # one loader position per process, saved as one item
+    states = distributed.gather_json(loader.state())
+    return states[0] if len(states) == 1 else {"processes": states}
+
   stop = _Stop()
   last_eval, flops, window = {}, None, []
   try:
     step = start
     while step < config.train.steps and not stop.requested:
-      batch = sharding.shard_batch(next(loader), mesh)
+      batch = distributed.global_batch(next(loader), mesh, merge)
       if flops is None:  # first step: compile (cost analysis for MFU), run, and start the clock after it
         flops = _step_flops(step_fn, train_state, batch)
         train_state, metrics = jax.block_until_ready(step_fn(train_state, batch))
@@ -231,15 +291,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, _train_record(window, now - window_start, lr(step), flops, peak, loader))
         window, window_start = [], now
       if step % config.train.checkpoint_every == 0:
-        ckpt.save(step, train_state, loader.state())
+        ckpt.save(step, train_state, data_state())
       if make_eval and (step % config.train.eval_every == 0 or step == config.train.steps):
-        last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches, mesh)
+        last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches, mesh, merge)
         writer.write(step, last_eval)
         writer.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
     if stop.requested:
       writer.print(f"stop requested: saving a checkpoint at step {step}")
     if ckpt.latest_step() != step:
-      ckpt.save(step, train_state, loader.state(), force=True)
+      ckpt.save(step, train_state, data_state(), force=True)
     ckpt.wait()
   finally:
     stop.restore()
@@ -280,14 +340,20 @@ def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
   return record
 
 
-def evaluate(eval_fn, params, make_eval, max_batches: int, mesh) -> dict:
+def evaluate(eval_fn, params, make_eval, max_batches: int, mesh, merge_size: int = 2) -> dict:
+  """Metrics over up to `max_batches` eval batches. Processes agree on each step (a process whose share ran out
+  feeds an all-padding batch while others still have data), so no collective waits for a missing peer."""
   loader = make_eval()
   totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0, "exact": 0.0, "samples": 0.0, "batches": 0}
   try:
-    for i, batch in enumerate(loader):
-      if i >= max_batches:
+    for _ in range(max_batches):
+      batch = next(loader, None)
+      if not distributed.any_process(batch is not None):
         break
-      m = jax.device_get(eval_fn(params, sharding.shard_batch(batch, mesh)))
+      if batch is None:
+        batch = loader.packer.flush()  # nothing packed: all padding, no loss tokens
+      with jax.set_mesh(mesh):
+        m = jax.device_get(eval_fn(params, distributed.global_batch(batch, mesh, merge_size)))
       totals["loss"] += float(m["loss/ce"]) * float(m["tokens"])
       for k in ("correct", "tokens", "exact", "samples"):
         totals[k] += float(m[k])
