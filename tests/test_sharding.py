@@ -152,3 +152,33 @@ def test_expert_parallel_moe_equals_the_dense_reference():
                        timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.count("ok") == 4
+
+
+GENERATE_ON_A_MESH = """
+import jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+from configs import models
+from qwen3vl import sharding
+from qwen3vl.config import ModelConfig
+from qwen3vl.infer import generate
+from qwen3vl.model.vlm import init_model
+cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict()).replace(attention_impl="xla", moe_impl="ragged")
+ids = np.random.default_rng(0).integers(0, 250, (4, 40)).astype(np.int32)
+mask = np.ones_like(ids)
+mask[1, :7] = 0
+one = generate(init_model(cfg), ids, attention_mask=mask, max_new_tokens=12)
+mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+many, state = generate(init_model(cfg), ids, attention_mask=mask, max_new_tokens=12, mesh=mesh, return_state=True)
+np.testing.assert_array_equal(many, one)
+local = state.cache.k.addressable_shards[0].data.shape  # [layers, B, S, kv heads, D]
+assert local[1] == 1 and local[3] == 1, local  # batch 4 over data x expert, 2 kv heads over tensor
+print("ok")
+"""
+
+
+def test_generate_on_a_mesh_keeps_the_tokens_and_shards_the_cache():
+  run = subprocess.run([sys.executable, "-c", GENERATE_ON_A_MESH], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "ok" in run.stdout

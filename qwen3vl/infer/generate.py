@@ -13,6 +13,7 @@ recomputed. Streaming calls a host function with each step's tokens from inside 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from qwen3vl import sharding
 from qwen3vl.infer.sampling import Sampling, next_token
 from qwen3vl.model.inputs import ModelInputs, prepare_inputs
 from qwen3vl.model.kv_cache import KVCache, visibility
@@ -45,7 +47,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_val
              video_grid_thw=None, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, rng=None, stop_ids=(), pad_id: int = 0,
              bucket: int = 64, kv_cache: str = "auto", stream: Callable[[int, np.ndarray], None] | None = None,
-             state: DecodeState | None = None, return_state: bool = False):
+             state: DecodeState | None = None, return_state: bool = False, mesh=None):
   """New tokens [batch, max_new_tokens] (numpy int32), `pad_id` after each row's first stop token.
 
   input_ids [B, L] left-padded (attention_mask 0 on the padding), with image / video pad tokens expanded as the
@@ -54,6 +56,8 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_val
   kv_cache "int8" stores the cache in int8 with per-(slot, head) scales. `stream(step, tokens [B])` is called
   as each step's tokens are chosen. With `state` (from a call with return_state=True) input_ids continue that
   conversation and the result is (tokens, new state); the old state's buffers are reused (do not use it again).
+  With a `mesh` (qwen3vl.sharding.make_mesh) the parameters are placed by the sharding rules and the KV cache
+  follows them (batch over the data axes, kv heads over tensor).
   """
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -82,7 +86,10 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_val
   args = (inputs, jnp.asarray(mask, jnp.int32), advance, jax.random.key(0) if rng is None else rng,
           jnp.asarray(list(stop_ids) or [-1], jnp.int32))
   graphdef, params = nnx.split(model)
-  with _listening(stream):
+  if mesh is not None:
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.param_shardings(params, mesh))
+    nnx.replace_by_pure_dict(params, placed)
+  with _listening(stream), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     if state is None:
       tokens, state = _first(graphdef, params, *args, size=ids.shape[1] + int(max_new_tokens), kv_dtype=kv_cache,
                              **static)

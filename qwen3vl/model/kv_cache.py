@@ -9,7 +9,8 @@ once and does little arithmetic, so a kernel would gain little; prompts go throu
 Slots are written in order, one scalar index for the whole batch; a [B, T, S] mask says what each new token
 sees, so padding and finished rows are holes that are never attended to. The whole stacked cache rides in the
 carry of the layer scan and each layer writes only its new slots, so XLA updates it in place: passing per-layer
-slices through the scan instead would copy the whole cache at every decode step.
+slices through the scan instead would copy the whole cache at every decode step. On a mesh (generate(mesh=...))
+the cache follows the sharding rules like everything else: batch over the data axes, kv heads over tensor.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qwen3vl.sharding import constrain
+
 KV_DTYPES = ("auto", "int8")
+AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # logical axes of k and v (scales: the first four)
 
 
 @jax.tree_util.register_dataclass
@@ -37,9 +41,13 @@ class KVCache:
       raise ValueError(f"kv cache dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     shape = (num_layers, batch, size, num_kv_heads, head_dim)
     if kv_dtype == "auto":
-      return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+      return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)).placed()
     zeros8, ones = jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1], dtype)
-    return cls(zeros8, zeros8, ones, ones)
+    return cls(zeros8, zeros8, ones, ones).placed()
+
+  def placed(self) -> "KVCache":
+    """Pinned to the sharding rules under a mesh context (a no-op without one)."""
+    return jax.tree.map(lambda a: constrain(a, AXES[:a.ndim]), self)
 
   @property
   def quantized(self) -> bool:
@@ -56,9 +64,9 @@ class KVCache:
       return jax.lax.dynamic_update_slice(cache, x, (layer, 0, index) + (0,) * (cache.ndim - 3))
 
     if not self.quantized:
-      return KVCache(put(self.k, k), put(self.v, v))
+      return KVCache(put(self.k, k), put(self.v, v)).placed()
     (k8, ks), (v8, vs) = _quantize(k, self.k_scale.dtype), _quantize(v, self.v_scale.dtype)
-    return KVCache(put(self.k, k8), put(self.v, v8), put(self.k_scale, ks), put(self.v_scale, vs))
+    return KVCache(put(self.k, k8), put(self.v, v8), put(self.k_scale, ks), put(self.v_scale, vs)).placed()
 
   def attend(self, layer, q: jax.Array, mask: jax.Array) -> jax.Array:
     """Layer `layer`'s attention: q [B, T, H, D] against all slots, mask [B, T, S] (True = visible) ->

@@ -168,7 +168,8 @@ def report(config, num_devices: int, presets, hbm_gib: float) -> list[dict]:
         config.model.remat_custom = custom
       offloaded = (kept - layer_residuals(cfg, config, mesh, preset)[1]) * cfg.text.num_hidden_layers
       temp = max(temp - offloaded, 0)
-    extra_out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
+    # Outputs that do not reuse a donated input; an offloaded optimizer state comes back to host memory.
+    extra_out = max(mem.output_size_in_bytes - mem.alias_size_in_bytes - opt_host, 0)
     peak = params + (opt - opt_host) + data + temp + extra_out
     rows.append({"remat": preset, "params": params, "opt_device": opt - opt_host, "opt_host": opt_host,
                  "batch": data, "temp": temp, "activations_host": offloaded, "peak": peak,
