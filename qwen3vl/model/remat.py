@@ -11,8 +11,8 @@ preset is `none`; a separate preset applies to the vision tower (`ModelConfig.vi
   custom                   per tag: `ModelConfig.remat_custom = "attention:device,q_proj:offload,..."`;
                            tags not named are recomputed
 
-Tags name what a layer produces, so a policy reads like a list of tensors; `print_saved_residuals` (and
-`python -m qwen3vl.tools.memory --saved`) shows what a preset actually keeps.
+Tags name what a layer produces, so a policy reads like a list of tensors; `python -m qwen3vl.tools.memory --saved`
+prints what a preset actually keeps per layer (through `jax.ad_checkpoint.print_saved_residuals`).
 """
 from __future__ import annotations
 
@@ -65,9 +65,3 @@ def policy(preset: str, custom: str = "") -> Callable | None:
     return cp.save_and_offload_only_these_names(names_which_can_be_saved=keep, names_which_can_be_offloaded=offload,
                                                 offload_src="device", offload_dst="pinned_host")
   raise ValueError(f"unknown remat preset {preset!r}; choose one of {PRESETS}")
-
-
-def print_saved_residuals(fn: Callable, *args) -> None:
-  """What the backward pass of `fn(*args)` (a scalar-valued or array function) keeps from the forward pass, one
-  line per tensor with its shape and where it came from (`named 'q_proj'` for tagged tensors)."""
-  jax.ad_checkpoint.print_saved_residuals(fn, *args)

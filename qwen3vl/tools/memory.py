@@ -141,13 +141,8 @@ def _saved_residuals(fn, *args):
   return out
 
 
-def trainer_cfg(config):
-  from qwen3vl.train import trainer
-  return trainer.model_config(config)
-
-
 def report(config, num_devices: int, presets, hbm_gib: float) -> list[dict]:
-  rows, custom = [], config.model.remat_custom
+  rows = []
   for preset in presets:
     with config.unlocked():
       config.model.remat = config.model.vision_remat = preset
@@ -161,11 +156,8 @@ def report(config, num_devices: int, presets, hbm_gib: float) -> list[dict]:
     offloaded = 0
     if preset in ("minimal_offload", "custom"):  # what goes to host = what the all-on-device twin would keep
       twin = "minimal" if preset == "minimal_offload" else "custom"
-      with config.unlocked():
-        config.model.remat_custom = config.model.remat_custom.replace(":offload", ":device")
-      kept = layer_residuals(trainer_cfg(config), config, mesh, twin)[1]
-      with config.unlocked():
-        config.model.remat_custom = custom
+      on_device = cfg.replace(remat_custom=cfg.remat_custom.replace(":offload", ":device"))
+      kept = layer_residuals(on_device, config, mesh, twin)[1]
       offloaded = (kept - layer_residuals(cfg, config, mesh, preset)[1]) * cfg.text.num_hidden_layers
       temp = max(temp - offloaded, 0)
     # Outputs that do not reuse a donated input; an offloaded optimizer state comes back to host memory.
