@@ -83,6 +83,9 @@ class ModelConfig:
   video_token_id: int = 151656
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  # Cross-layer parameter sharing (not a HF field): groups of this many consecutive decoder layers run one set
+  # of weights; checkpoints store each group once, `save_pretrained` writes it out per layer.
+  share_every: int = 1
   # Runtime switches: not part of the checkpoint.
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"
@@ -129,6 +132,8 @@ class ModelConfig:
       kinds = {t.is_moe_layer(i) for i in range(t.num_hidden_layers)}
       _check(len(kinds) == 1, "text.mlp_only_layers / decoder_sparse_step",
              "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
+    _check(self.share_every >= 1 and t.num_hidden_layers % self.share_every == 0, "share_every",
+           f"{self.share_every} must be >= 1 and divide text.num_hidden_layers={t.num_hidden_layers}")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
     for field in ("remat", "vision_remat"):
       _check(getattr(self, field) in remat.PRESETS, field, f"{getattr(self, field)!r} is not one of {remat.PRESETS}")

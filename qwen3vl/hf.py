@@ -165,7 +165,8 @@ def load_pretrained(path: str, dtype: str | None = None, **runtime) -> Qwen3VL:
 
 
 def save_pretrained(model: Qwen3VL, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
-  """Write config.json and safetensors shards (with an index when more than one) in the released layout."""
+  """Write config.json and safetensors shards (with an index when more than one) in the released layout; a model
+  with shared decoder weights (`share_every`) is written out as the equivalent unshared model."""
   cfg = model.config
   os.makedirs(path, exist_ok=True)
   state = nnx.state(model, nnx.Param)
@@ -173,9 +174,10 @@ def save_pretrained(model: Qwen3VL, path: str, *, max_shard_bytes: int = 5 * 2**
   for key, var in nnx.to_flat_state(state):
     path_str, value = ".".join(str(k) for k in key), np.asarray(var.get_value())
     stacked = path_str.startswith(_STACKED)
-    names, kind = _hf_names(path_str, value.shape[0] if stacked else 1)
+    repeat = cfg.share_every if path_str.startswith("layers.") else 1  # shared weights: written for every layer
+    names, kind = _hf_names(path_str, value.shape[0] * repeat if stacked else 1)
     for i, name in enumerate(names):
-      tensor = _to_hf(value[i] if stacked else value, kind, cfg)
+      tensor = _to_hf(value[i // repeat] if stacked else value, kind, cfg)
       if current and size + tensor.nbytes > max_shard_bytes:
         shards.append(current)
         current, size = {}, 0

@@ -37,7 +37,7 @@ class Qwen3VL(nnx.Module):
     t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.visual = VisionTower(cfg, rngs)
     self.embed = Embed(t.vocab_size, t.hidden_size, **kw)
-    self.layers = build_stack(lambda r: DecoderLayer(cfg, r), t.num_hidden_layers, rngs)
+    self.layers = build_stack(lambda r: DecoderLayer(cfg, r), t.num_hidden_layers // cfg.share_every, rngs)
     self.norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"),
                                                                  bias=False, **kw)
@@ -60,18 +60,22 @@ class Qwen3VL(nnx.Module):
   def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False, return_hidden: bool = False):
     """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, per-layer hidden
     states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss)."""
-    cfg, t = self.config, self.config.text
+    cfg = self.config
     x, deepstack = self.embed_inputs(inputs)
     x = constrain(x, HIDDEN)
     cos, sin = self._rope(inputs.positions, x.dtype)
 
-    def body(layer, h, i):
-      h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
-      h = constrain(_add_deepstack(h, deepstack, i), HIDDEN)
-      return h, (router_logits, h if return_hidden_states else None)
+    def body(layer, h, group):
+      outs = []
+      for n in self._layer_numbers(group):
+        h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
+        h = constrain(_add_deepstack(h, deepstack, n), HIDDEN)
+        outs.append((router_logits, h if return_hidden_states else None))
+      return h, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    x, (router_logits, hidden) = run_stack(self.layers, body, x, jnp.arange(t.num_hidden_layers),
-                                           scan=cfg.scan_layers, remat=cfg.remat, remat_custom=cfg.remat_custom)
+    x, per_layer = run_stack(self.layers, body, x, self._groups(), scan=cfg.scan_layers, remat=cfg.remat,
+                             remat_custom=cfg.remat_custom)
+    router_logits, hidden = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_layer)  # [layers, ...]
     x = self.norm(x)
     extras = {"router_logits": router_logits}
     if return_hidden_states:
@@ -79,6 +83,15 @@ class Qwen3VL(nnx.Module):
     if return_hidden:
       return x, extras
     return self.logits(x), extras
+
+  def _groups(self):
+    """xs of the layer scan: one entry per stored weight group (= per layer without sharing)."""
+    return jnp.arange(self.config.text.num_hidden_layers // self.config.share_every)
+
+  def _layer_numbers(self, group):
+    """The decoder layers a weight group runs, in order (DeepStack and the KV cache count these)."""
+    k = self.config.share_every
+    return [group * k + j for j in range(k)]
 
   def _rope(self, positions, dtype):
     t = self.config.text
@@ -112,13 +125,14 @@ class Qwen3VL(nnx.Module):
     cos, sin = self._rope(inputs.positions, x.dtype)
     segment_ids = inputs.segment_ids if mask is None else None
 
-    def body(layer, carry, i):
+    def body(layer, carry, group):
       h, kv = carry
-      h, _, kv = layer(h, cos, sin, segment_ids, (kv, i, index, mask))
-      return (_add_deepstack(h, deepstack, i), kv), None
+      for n in self._layer_numbers(group):
+        h, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
+        h = _add_deepstack(h, deepstack, n)
+      return (h, kv), None
 
-    (x, cache), _ = run_stack(self.layers, body, (x, cache), jnp.arange(self.config.text.num_hidden_layers),
-                              scan=self.config.scan_layers)
+    (x, cache), _ = run_stack(self.layers, body, (x, cache), self._groups(), scan=self.config.scan_layers)
     return self.logits(self.norm(x[:, -1:]))[:, 0], cache
 
   # ---------------------------------------------------------------------------------------------- host side
