@@ -61,13 +61,10 @@ FLAGS = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train
          "--config.data.max_patches=64", "--config.data.synthetic_eval_size=4", "--config.train.eval_batches=1"]
 
 
-def _train(workdir, devices, *mesh_flags):
+def _start(workdir, devices, *flags):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  run = subprocess.run([sys.executable, "train.py", "--config=configs/moe.py", f"--workdir={workdir}", *FLAGS,
-                        *mesh_flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  local, total = map(float, re.search(r"optimizer state: ([\d.]+) MiB per device of ([\d.]+) MiB", run.stdout).groups())
-  return _losses(workdir), local, total
+  return subprocess.Popen([sys.executable, "train.py", "--config=configs/moe.py", f"--workdir={workdir}", *FLAGS,
+                           *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _losses(workdir):
@@ -75,42 +72,52 @@ def _losses(workdir):
     return np.asarray([json.loads(line)["train/loss"] for line in f if "train/loss" in line])
 
 
+def _bytes(output):
+  return map(float, re.search(r"optimizer state: ([\d.]+) MiB per device of ([\d.]+) MiB", output).groups())
+
+
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-  return _train(tmp_path_factory.mktemp("one"), 1)
+def runs(tmp_path_factory):
+  """The training runs this file compares, started together (each is mostly single-threaded compilation):
+  one device; 8 devices (fsdp 2 x expert 2 x tensor 2, the ragged MoE's expert-parallel shard_map against the
+  one-device dense path); two processes joined by jax.distributed (CPU, gloo) that also keep the optimizer state
+  in pinned host memory and rematerialize every layer (`full`)."""
+  base = tmp_path_factory.mktemp("runs")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  two = [f"--config.distributed.coordinator=localhost:{port}", "--config.distributed.num_processes=2",
+         "--config.distributed.initialization_timeout_s=300", "--config.offload.optimizer_state=True",
+         "--config.model.remat=full", "--config.model.vision_remat=full"]
+  procs = {"one": _start(base / "one", 1),
+           "eight": _start(base / "eight", 8, "--config.mesh.fsdp=2", "--config.mesh.expert=2",
+                           "--config.mesh.tensor=2", "--config.model.moe_impl=ragged"),
+           "two/0": _start(base / "two", 1, *two, "--config.distributed.process_id=0"),
+           "two/1": _start(base / "two", 1, *two, "--config.distributed.process_id=1")}
+  outputs = {k: p.communicate(timeout=900)[0] for k, p in procs.items()}
+  for k, p in procs.items():
+    assert p.returncode == 0, (k, outputs[k][-3000:])
+  return base, outputs
 
 
-def test_one_device_and_eight_give_the_same_losses(tmp_path, one_device):
-  one, local1, total1 = one_device
-  # The 8-device run takes the ragged MoE path: its expert-parallel shard_map against the 1-device dense path.
-  eight, local8, total8 = _train(tmp_path / "eight", 8, "--config.mesh.fsdp=2", "--config.mesh.expert=2",
-                                 "--config.mesh.tensor=2", "--config.model.moe_impl=ragged")
+def test_one_device_and_eight_give_the_same_losses(runs):
+  base, outputs = runs
+  one, eight = _losses(base / "one"), _losses(base / "eight")
+  (local1, total1), (local8, total8) = _bytes(outputs["one"]), _bytes(outputs["eight"])
   assert len(one) == len(eight) == 6
   np.testing.assert_allclose(eight, one, rtol=1e-3)
   assert local1 == total1 == total8
   assert local8 < total8 / 3  # most weights split 4 or 8 ways; only norms and the router stay at 2 or whole
 
 
-
-def test_two_processes_give_the_one_process_losses(tmp_path, one_device):
-  """Two processes joined by jax.distributed (CPU, gloo collectives), each packing its share of every batch
-  (records alternate between them, so a step's samples are the one-process step's): the same losses, so the
-  assembled global batch, its vision rows and segment offsets are right; process 0 alone writes metrics."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen([sys.executable, "train.py", "--config=configs/moe.py", f"--workdir={tmp_path}", *FLAGS,
-                             f"--config.distributed.coordinator=localhost:{port}",
-                             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                             "--config.distributed.initialization_timeout_s=120"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  assert "process 1 of 2: 1 local devices, 2 in all" in outputs[1]
-  np.testing.assert_allclose(_losses(tmp_path), one_device[0], rtol=1e-5)
+def test_two_processes_give_the_one_process_losses(runs):
+  """Each process packs its share of every batch (records alternate between them, so a step's samples are the
+  one-process step's): the same losses, so the assembled global batch, its vision rows and segment offsets are
+  right, and neither host offload nor remat changed a number; process 0 alone writes metrics."""
+  base, outputs = runs
+  assert "process 1 of 2: 1 local devices, 2 in all" in outputs["two/1"]
+  assert "(optimizer state in pinned host memory)" in outputs["two/0"]
+  np.testing.assert_allclose(_losses(base / "two"), _losses(base / "one"), rtol=1e-5)
 
 
 MOE_ON_MESHES = """

@@ -239,7 +239,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
                  "rng": sharding.place(jax.random.key_data(jax.random.key(config.seed)), shardings["rng"])}
   local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"]])
-  where = " (optimizer state in pinned host memory)" if config.offload.optimizer_state else ""
+  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(train_state["opt_state"])}
+  where = " (optimizer state in pinned host memory)" if kinds == {"pinned_host"} else ""
   print(f"mesh: {dict(mesh.shape)}; parameters + optimizer state: {local / 2**20:.2f} MiB per device of "
         f"{total / 2**20:.2f} MiB{where}", flush=True)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
