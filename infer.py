@@ -38,6 +38,9 @@ flags.DEFINE_string("dtype", None, "compute dtype (default float32; bfloat16 hal
 flags.DEFINE_enum("kv_cache", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8 with "
                   "per-(slot, head) scales (about half of bfloat16's memory)")
 flags.DEFINE_integer("batch_size", 8, "--input prompts decoded together")
+flags.DEFINE_list("exit_layers", [], "early exit: decoder layers after which a confident token may stop")
+flags.DEFINE_float("exit_threshold", 1.0, "early exit: top next-token probability above which a token stops "
+                   "(1.0 = never: the full model's outputs)")
 
 
 def _as_list(x) -> list:
@@ -51,6 +54,10 @@ def main(argv):
   from qwen3vl.infer.assistant import Assistant, user_turn
 
   assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype, kv_cache=FLAGS.kv_cache)
+  if FLAGS.exit_layers:
+    from qwen3vl.model.vlm import with_runtime
+    assistant.model = with_runtime(assistant.model, exit_layers=tuple(int(i) for i in FLAGS.exit_layers),
+                                   exit_threshold=FLAGS.exit_threshold)
   options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                  top_p=FLAGS.top_p, stop_strings=FLAGS.stop)
   key = jax.random.key(FLAGS.seed)

@@ -32,6 +32,10 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.remat = placeholder(str)
   c.model.vision_remat = placeholder(str)
   c.model.remat_custom = ""
+  # Early exit while decoding (infer.py): after these decoder layers a token whose top next-token probability
+  # exceeds exit_threshold skips the rest. 1.0 = never (exact).
+  c.model.exit_layers = ()
+  c.model.exit_threshold = 1.0
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA

@@ -16,7 +16,7 @@ from qwen3vl.model import remat
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size", "remat",
-                  "vision_remat", "remat_custom")
+                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,11 @@ class ModelConfig:
   remat: str = "none"
   vision_remat: str = "none"
   remat_custom: str = ""
+  # Early exit in decoding (CALM-style): after these decoder layers a token whose top next-token probability
+  # (shared LM head) exceeds the threshold skips the rest; the skipped layers' KV come from its exit state.
+  # 1.0 never exits (the full model's outputs).
+  exit_layers: tuple[int, ...] = ()
+  exit_threshold: float = 1.0
 
   @property
   def model_type(self) -> str:
@@ -134,6 +139,9 @@ class ModelConfig:
              "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
     _check(self.share_every >= 1 and t.num_hidden_layers % self.share_every == 0, "share_every",
            f"{self.share_every} must be >= 1 and divide text.num_hidden_layers={t.num_hidden_layers}")
+    _check(all(0 <= i < t.num_hidden_layers - 1 for i in self.exit_layers), "exit_layers",
+           f"{self.exit_layers} must lie in [0, num_hidden_layers - 1 = {t.num_hidden_layers - 1})")
+    _check(0.0 < self.exit_threshold <= 1.0, "exit_threshold", f"{self.exit_threshold} must be in (0, 1]")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
     for field in ("remat", "vision_remat"):
       _check(getattr(self, field) in remat.PRESETS, field, f"{getattr(self, field)!r} is not one of {remat.PRESETS}")

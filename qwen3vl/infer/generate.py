@@ -41,6 +41,7 @@ class DecodeState:
   index: jax.Array  # int32 scalar: the next free slot
   next_position: jax.Array  # [B] int32: MRoPE position of each row's next token
   last: jax.Array  # [B] int32: each row's last sampled token (not in the cache yet)
+  layers: jax.Array  # [B] int32: decoder layers run by the decode steps so far (early exit makes it smaller)
 
 
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -134,7 +135,7 @@ def _first(graphdef, params, inputs, mask, advance, rng, stop_ids, *, size, kv_d
   b, length = mask.shape
   logits, cache = model.prefill(inputs, model.new_cache(b, size, kv_dtype))
   valid = jnp.pad(mask > 0, ((0, 0), (0, size - length)))
-  state = DecodeState(cache, valid, jnp.int32(length), advance, jnp.zeros((b,), jnp.int32))
+  state = DecodeState(cache, valid, jnp.int32(length), advance, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
   return _decode(graphdef, params, logits, state, rng, stop_ids, **static)
 
 
@@ -145,7 +146,7 @@ def _more(graphdef, params, state, inputs, mask, advance, rng, stop_ids, **stati
   valid = jax.lax.dynamic_update_slice(state.valid, mask > 0, (0, state.index))
   inputs = dataclasses.replace(inputs, positions=inputs.positions + state.next_position[None, :, None])
   logits, cache = model.extend(inputs, state.cache, state.index, visibility(valid, state.index, length))
-  state = DecodeState(cache, valid, state.index + length, state.next_position + advance, state.last)
+  state = DecodeState(cache, valid, state.index + length, state.next_position + advance, state.last, state.layers)
   return _decode(graphdef, params, logits, state, rng, stop_ids, **static)
 
 
@@ -172,14 +173,14 @@ def _decode(graphdef, params, logits, state, rng, stop_ids, *, max_new_tokens, s
     valid = st.valid.at[:, st.index].set(~done)
     positions = jnp.broadcast_to(st.next_position[None, :, None], (3, b, 1))
     inputs = ModelInputs(st.last[:, None], positions, None)
-    logits, cache = model.extend(inputs, st.cache, st.index, visibility(valid, st.index, 1))
+    logits, cache, depth = model.extend(inputs, st.cache, st.index, visibility(valid, st.index, 1), return_depth=True)
     rng, key = jax.random.split(rng)
     new = jnp.where(done, pad_id, next_token(logits, key, sampling))
     if stream:
       io_callback(_emit, None, i, new, ordered=True)
     out = out.at[:, i].set(new)
     st = DecodeState(cache, valid, st.index + 1, st.next_position + (~done).astype(jnp.int32),
-                     jnp.where(done, st.last, new))
+                     jnp.where(done, st.last, new), st.layers + jnp.where(done, 0, depth))
     return i + 1, done | jnp.isin(new, stop_ids), out, st, rng, params
 
   carry = (jnp.int32(1), done, out, state, rng, params)

@@ -33,16 +33,21 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(t.head_dim, ("head_dim",), eps=t.rms_norm_eps, **kw)
     self.head_dim, self.attention_impl = t.head_dim, cfg.attention_impl
 
+  def qkv(self, x, cos, sin):
+    """Queries, keys, values [B, L, heads, D] of x [B, L, H], normed and rotated."""
+    b, l, _ = x.shape
+    q = self.q_norm(constrain(self.q_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
+    k = self.k_norm(constrain(self.k_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
+    v = constrain(self.v_proj(x).reshape(b, l, -1, self.head_dim), HEADS)
+    return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
+
   def __call__(self, x, cos, sin, segment_ids, cache=None):
     """cache (generation): (the stacked KVCache, this layer's number, write index, mask [B, L, S] or None). The
     new keys and values are written at slots index..index+L-1 of this layer; with no mask (a prompt) the tokens
     attend among themselves through `kernels.attention`, with a mask (decode steps, later chunks) to the cache
     slots it shows. Returns (output, updated KVCache or None)."""
     b, l, _ = x.shape
-    q = self.q_norm(constrain(self.q_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
-    k = self.k_norm(constrain(self.k_proj(x).reshape(b, l, -1, self.head_dim), HEADS))
-    v = constrain(self.v_proj(x).reshape(b, l, -1, self.head_dim), HEADS)
-    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    q, k, v = self.qkv(x, cos, sin)
     kv, layer, index, mask = cache if cache is not None else (None, 0, 0, None)
     if kv is not None:
       kv = kv.write(layer, k, v, index)
@@ -84,3 +89,10 @@ class DecoderLayer(nnx.Module):
     y = self.mlp(self.post_attention_norm(x))
     y, router_logits = y if isinstance(self.mlp, MoE) else (y, None)
     return x + y, router_logits, cache
+
+  def write_kv(self, x, cos, sin, cache):
+    """Only this layer's keys and values of x written to the cache (a token that exited before this layer:
+    later tokens attend to its exit state here, as CALM propagates it)."""
+    kv, layer, index, _ = cache
+    _, k, v = self.attn.qkv(self.input_norm(x), cos, sin)
+    return kv.write(layer, k, v, index)

@@ -112,28 +112,53 @@ class Qwen3VL(nnx.Module):
   def prefill(self, inputs: ModelInputs, cache: KVCache):
     """A left-padded prompt [B, L] written at cache slots 0..L-1 (attention within the prompt, through
     `kernels.attention`). Returns (last-position logits [B, V], updated cache)."""
-    return self._run_cached(inputs, cache, 0, None)
+    return self._run_cached(inputs, cache, 0, None)[:2]
 
-  def extend(self, inputs: ModelInputs, cache: KVCache, index, mask):
+  def extend(self, inputs: ModelInputs, cache: KVCache, index, mask, *, return_depth: bool = False):
     """Tokens [B, T] (a decode step, or a later chunk of a conversation, images allowed) written at cache slots
     index..index+T-1 (`index` may be traced); mask [B, T, S] says which slots each token sees (see
-    `kv_cache.visibility`). Returns (last-position logits [B, V], updated cache)."""
-    return self._run_cached(inputs, cache, index, mask)
+    `kv_cache.visibility`). Returns (last-position logits [B, V], updated cache), plus with `return_depth` the
+    decoder layers each row ran [B] (fewer than all when a decode step exits early, see `config.exit_layers`)."""
+    out = self._run_cached(inputs, cache, index, mask)
+    return out if return_depth else out[:2]
 
   def _run_cached(self, inputs, cache, index, mask):
+    cfg = self.config
     x, deepstack = self.embed_inputs(inputs)
     cos, sin = self._rope(inputs.positions, x.dtype)
     segment_ids = inputs.segment_ids if mask is None else None
+    early = bool(cfg.exit_layers) and mask is not None and x.shape[1] == 1  # decode steps only
+    confident = self._exit_test() if early else None
+    b = x.shape[0]
 
     def body(layer, carry, group):
-      h, kv = carry
+      h, kv, exited, depth = carry
       for n in self._layer_numbers(group):
-        h, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
-        h = _add_deepstack(h, deepstack, n)
-      return (h, kv), None
+        if not early:
+          h, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
+        else:  # rows that exited keep their state; a batch that all exited only writes this layer's KV
+          def run(layer, h, kv):
+            out, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
+            return jnp.where(exited[:, None, None], h, out), kv
 
-    (x, cache), _ = run_stack(self.layers, body, (x, cache), self._groups(), scan=self.config.scan_layers)
-    return self.logits(self.norm(x[:, -1:]))[:, 0], cache
+          h, kv = nnx.cond(exited.all(), lambda layer, h, kv: (h, layer.write_kv(h, cos, sin, (kv, n, index, mask))),
+                           run, layer, h, kv)
+          depth = depth + (~exited).astype(jnp.int32)
+          exited = exited | (jnp.isin(n, jnp.asarray(cfg.exit_layers)) & confident(h))
+        h = _add_deepstack(h, deepstack, n)
+      return (h, kv, exited, depth), None
+
+    carry = (x, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    (x, cache, _, depth), _ = run_stack(self.layers, body, carry, self._groups(), scan=cfg.scan_layers)
+    if not early:
+      depth = jnp.full((b,), cfg.text.num_hidden_layers, jnp.int32)
+    return self.logits(self.norm(x[:, -1:]))[:, 0], cache, depth
+
+  def _exit_test(self):
+    """h [B, 1, H] -> [B] bool: the shared LM head's top probability on the normed state exceeds the threshold
+    (strictly: a threshold of 1.0 never exits)."""
+    threshold = self.config.exit_threshold
+    return lambda h: jax.nn.softmax(self.logits(self.norm(h[:, -1])), axis=-1).max(-1) > threshold
 
   # ---------------------------------------------------------------------------------------------- host side
   def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -158,6 +183,14 @@ def _add_deepstack(h, deepstack, i):
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(graphdef, state, inputs):
   return nnx.merge(graphdef, state).forward(inputs)
+
+
+def with_runtime(model: Qwen3VL, **runtime) -> Qwen3VL:
+  """The same weights under other runtime switches (`RUNTIME_FIELDS`: dtype aside, e.g. exit_layers,
+  exit_threshold, attention_impl, remat): a new module graph around the same parameter arrays."""
+  cfg = model.config.replace(**runtime).validate()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen3VL:
