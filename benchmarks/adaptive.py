@@ -5,8 +5,9 @@
 
 Early exit (`exit_layers`, `exit_threshold`): the held-out synthetic questions answered greedily one at a time
 (batch 1: a decode step whose token exits skips the remaining layers' compute), for each threshold: exact match,
-answers equal to the full-depth answers, decoder layers run per decoded token, and decode tokens/s measured on a
-fixed-length continuation (`--new` tokens without stopping, prefill excluded, median of the questions).
+answers equal to the full-depth answers, decoder layers run per decoded answer token, and on a fixed-length
+continuation (`--new` tokens without stopping: the answer, then whatever the model says after it) the layers per
+token and decode tokens/s (prefill excluded, median over the questions).
 Cross-layer sharing is measured by training (see RESULTS.md); the other switches of the issue are not built yet.
 """
 from __future__ import annotations
@@ -46,12 +47,13 @@ def main():
   truth = [r["meta"]["answer"] for r in records]
   stop = list(assistant.stop_ids)
   print(f"{args.checkpoint}: {layers} decoder layers, exits after {exit_layers}, {len(records)} held-out questions")
-  print("| threshold | exact match | same answer as full depth | layers / decoded token | decode tokens/s |")
-  print("|---|---|---|---|---|")
+  print("| threshold | exact match | same answer as full depth | layers / answer token | layers / continuation "
+        "token | decode tokens/s |")
+  print("|---|---|---|---|---|---|")
   reference = None
   for threshold in [float(t) for t in args.thresholds.split(",")]:
     model = with_runtime(full, exit_layers=exit_layers, exit_threshold=threshold)
-    answers, depth, steps, rates = [], 0, 0, []
+    answers, depth, steps, rates, continued = [], 0, 0, [], 0
     for p in prompts:
       tokens, state = generate(model, **p, max_new_tokens=8, stop_ids=stop, pad_id=assistant.pad_id,
                                return_state=True)
@@ -61,8 +63,9 @@ def main():
       steps += max(len(row), 1) - 1 + int(any(t in stop for t in tokens[0]))  # decode steps (prefill made token 0)
       generate(model, **p, max_new_tokens=args.new)  # compiled: time the next call
       t0 = time.perf_counter()
-      jax.block_until_ready(generate(model, **p, max_new_tokens=args.new))
+      _, long_state = jax.block_until_ready(generate(model, **p, max_new_tokens=args.new, return_state=True))
       t1 = time.perf_counter()
+      continued += int(long_state.layers[0])
       generate(model, **p, max_new_tokens=1)
       t2 = time.perf_counter()
       jax.block_until_ready(generate(model, **p, max_new_tokens=1))
@@ -72,7 +75,7 @@ def main():
     em = np.mean([a == b for a, b in zip(answers, truth)])
     same = np.mean([a == b for a, b in zip(answers, reference)])
     print(f"| {threshold:g} | {em:.3f} | {same:.3f} | {depth / max(steps, 1):.2f} of {layers} | "
-          f"{np.median(rates):.0f} |")
+          f"{continued / (len(prompts) * (args.new - 1)):.2f} | {np.median(rates):.0f} |")
 
 
 if __name__ == "__main__":
