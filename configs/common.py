@@ -36,6 +36,9 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   # exceeds exit_threshold skips the rest. 1.0 = never (exact).
   c.model.exit_layers = ()
   c.model.exit_threshold = 1.0
+  # Per-part compute precision over model.dtype: "vision=bfloat16,decoder=float8,head=float32" (float8: e4m3
+  # matmuls with per-tensor scales, float32 accumulation; emulated on CPU). "" = model.dtype everywhere.
+  c.model.precision = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA

@@ -16,7 +16,9 @@ from qwen3vl.model import remat
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size", "remat",
-                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold")
+                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision")
+PRECISION_PARTS = ("vision", "decoder", "head")
+PRECISION_DTYPES = ("float32", "bfloat16", "float16", "float8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,15 @@ class ModelConfig:
   # 1.0 never exits (the full model's outputs).
   exit_layers: tuple[int, ...] = ()
   exit_threshold: float = 1.0
+  # Per-module compute precision over `dtype`: "vision=bfloat16,decoder=float8,head=float32". float8 = the
+  # module's matmuls in float8 (e4m3, one scale per tensor, float32 accumulation), activations in `dtype`.
+  precision: str = ""
+
+  def precision_of(self, part: str) -> tuple[str, bool]:
+    """(activation dtype, float8 matmuls?) of a part: vision, decoder or head."""
+    chosen = dict(item.split("=") for item in filter(None, self.precision.replace(" ", "").split(",")))
+    name = chosen.get(part, self.dtype)
+    return (self.dtype, True) if name == "float8" else (name, False)
 
   @property
   def model_type(self) -> str:
@@ -141,6 +152,10 @@ class ModelConfig:
            f"{self.share_every} must be >= 1 and divide text.num_hidden_layers={t.num_hidden_layers}")
     _check(all(0 <= i < t.num_hidden_layers - 1 for i in self.exit_layers), "exit_layers",
            f"{self.exit_layers} must lie in [0, num_hidden_layers - 1 = {t.num_hidden_layers - 1})")
+    for item in filter(None, self.precision.replace(" ", "").split(",")):
+      part, _, name = item.partition("=")
+      _check(part in PRECISION_PARTS and name in PRECISION_DTYPES, "precision",
+             f"entry {item!r}: parts are {PRECISION_PARTS}, dtypes {PRECISION_DTYPES}")
     _check(0.0 < self.exit_threshold <= 1.0, "exit_threshold", f"{self.exit_threshold} must be in (0, 1]")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
     for field in ("remat", "vision_remat"):

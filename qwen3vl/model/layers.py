@@ -24,10 +24,51 @@ def param(rngs: nnx.Rngs, shape, axes: Axes, dtype, init=_default_init) -> nnx.P
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
-def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+def precision_kwargs(cfg, part: str, rngs: nnx.Rngs) -> tuple[dict, dict]:
+  """(arguments of every module of a model part, extra Linear arguments) under `ModelConfig.precision`: the
+  part's compute dtype, and float8 matmuls where it asks for them."""
+  dtype, fp8 = cfg.precision_of(part)
+  return dict(dtype=dtype, param_dtype=cfg.param_dtype, rngs=rngs), dict(fp8=fp8)
+
+
+def _matmul_2d(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
   """x [..., in] @ w [in, out] as one 2-D matmul: XLA:CPU runs the [B, L, in] batched form of a SwiGLU MLP's
-  forward and backward 1.8x slower than the flattened one (same FLOPs); other backends see the same dot."""
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+  forward and backward 1.8x slower than the flattened one (same FLOPs); other backends see the same dot.
+  fp8: see `_fp8_matmul`."""
+  x2 = x.reshape(-1, x.shape[-1])
+  y = _fp8_matmul(x2, w) if fp8 else x2 @ w
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _to_fp8(a: jax.Array):
+  """a -> (float8 e4m3 values, float32 scale) with a ~= values * scale (one scale per tensor, from its max)."""
+  scale = jnp.maximum(jnp.max(jnp.abs(a.astype(jnp.float32))), 1e-12) / 448.0
+  return (a.astype(jnp.float32) / scale).astype(jnp.float8_e4m3fn), scale
+
+
+@jax.custom_vjp
+def _fp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [m, k] @ w [k, n] with both operands in float8 e4m3 and float32 accumulation, in x's dtype. The backward
+  runs in float32 on the dequantized operands (gradients would underflow in e4m3 without their own scaling) and
+  keeps only the float8 operands between the passes."""
+  return _fp8_forward(x, w)[0]
+
+
+def _fp8_forward(x, w):
+  (xq, sx), (wq, sw) = _to_fp8(x), _to_fp8(w)
+  y = jax.lax.dot(xq, wq, preferred_element_type=jnp.float32) * (sx * sw)
+  return y.astype(x.dtype), (xq, sx, wq, sw, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _fp8_backward(residuals, g):
+  xq, sx, wq, sw, x_type, w_type = residuals
+  g = g.astype(jnp.float32)
+  dx = g @ (wq.astype(jnp.float32) * sw).T
+  dw = (xq.astype(jnp.float32) * sx).T @ g
+  return dx.astype(x_type.dtype), dw.astype(w_type.dtype)
+
+
+_fp8_matmul.defvjp(_fp8_forward, _fp8_backward)
 
 
 class Linear(nnx.Module):
@@ -35,13 +76,13 @@ class Linear(nnx.Module):
   output for the rematerialization policies (see model/remat.py)."""
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-               tag: str | None = None):
+               tag: str | None = None, fp8: bool = False):
     self.kernel = param(rngs, (d_in, d_out), axes, param_dtype)
     self.bias = param(rngs, (d_out,), axes[-1:], param_dtype, nnx.initializers.zeros) if bias else None
-    self.dtype, self.tag = dtype, tag
+    self.dtype, self.tag, self.fp8 = dtype, tag, fp8
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = _matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.fp8)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return checkpoint_tag(y, self.tag) if self.tag else y
@@ -80,12 +121,13 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table [vocab, embed]; `attend` is the tied LM head."""
 
-  def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, head_dtype=None,
+               head_fp8: bool = False):
     self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
-    self.dtype = dtype
+    self.dtype, self.head_dtype, self.head_fp8 = dtype, head_dtype or dtype, head_fp8
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return _matmul_2d(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    return _matmul_2d(x.astype(self.head_dtype), self.embedding[...].astype(self.head_dtype).T, self.head_fp8)

@@ -40,7 +40,7 @@ class MoE(nnx.Module):
     self.router = param(rngs, (h, e), ("embed", None), cfg.param_dtype)
     self.gate_up = param(rngs, (e, h, 2 * i), ("experts", "embed", "mlp"), cfg.param_dtype)
     self.down = param(rngs, (e, i, h), ("experts", "mlp", "embed"), cfg.param_dtype)
-    self.top_k, self.dtype, self.impl = t.num_experts_per_tok, cfg.dtype, cfg.moe_impl
+    self.top_k, self.dtype, self.impl = t.num_experts_per_tok, cfg.precision_of("decoder")[0], cfg.moe_impl
 
   def route(self, x: jax.Array):
     """x [T, H] -> (router logits [T, E], top-k weights [T, k] in the activation dtype, expert ids [T, k])."""

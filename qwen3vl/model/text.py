@@ -12,7 +12,7 @@ from flax import nnx
 import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
-from qwen3vl.model.layers import Linear, RMSNorm
+from qwen3vl.model.layers import Linear, RMSNorm, precision_kwargs
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import constrain
 
@@ -23,12 +23,13 @@ from qwen3vl.model.moe import MoE
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    t = cfg.text
+    kw, lin = precision_kwargs(cfg, "decoder", rngs)
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    self.q_proj = Linear(t.hidden_size, q, ("embed", "heads"), bias=False, tag="q_proj", **kw)
-    self.k_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="k_proj", **kw)
-    self.v_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="v_proj", **kw)
-    self.o_proj = Linear(q, t.hidden_size, ("heads", "embed"), bias=False, tag="o_proj", **kw)
+    self.q_proj = Linear(t.hidden_size, q, ("embed", "heads"), bias=False, tag="q_proj", **kw, **lin)
+    self.k_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="k_proj", **kw, **lin)
+    self.v_proj = Linear(t.hidden_size, kv, ("embed", "kv_heads"), bias=False, tag="v_proj", **kw, **lin)
+    self.o_proj = Linear(q, t.hidden_size, ("heads", "embed"), bias=False, tag="o_proj", **kw, **lin)
     self.q_norm = RMSNorm(t.head_dim, ("head_dim",), eps=t.rms_norm_eps, **kw)
     self.k_norm = RMSNorm(t.head_dim, ("head_dim",), eps=t.rms_norm_eps, **kw)
     self.head_dim, self.attention_impl = t.head_dim, cfg.attention_impl
@@ -62,11 +63,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    t = cfg.text
+    kw, lin = precision_kwargs(cfg, "decoder", rngs)
     h, i = t.hidden_size, t.intermediate_size
-    self.gate_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_gate", **kw)
-    self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_up", **kw)
-    self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, tag="mlp_down", **kw)
+    self.gate_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_gate", **kw, **lin)
+    self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, tag="mlp_up", **kw, **lin)
+    self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, tag="mlp_down", **kw, **lin)
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -76,7 +78,8 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    t = cfg.text
+    kw, _ = precision_kwargs(cfg, "decoder", rngs)
     self.input_norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
     self.attn = Attention(cfg, rngs)
     self.post_attention_norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
@@ -85,10 +88,10 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, segment_ids, cache=None):
     """x [B, L, H] -> (x, router logits [B*L, E] or None, updated cache or None); see Attention for cache."""
     a, cache = self.attn(self.input_norm(x), cos, sin, segment_ids, cache)
-    x = x + a
-    y = self.mlp(self.post_attention_norm(x))
+    h = x + a
+    y = self.mlp(self.post_attention_norm(h))
     y, router_logits = y if isinstance(self.mlp, MoE) else (y, None)
-    return x + y, router_logits, cache
+    return (h + y).astype(x.dtype), router_logits, cache  # the residual stream keeps its dtype (precision)
 
   def write_kv(self, x, cos, sin, cache):
     """Only this layer's keys and values of x written to the cache (a token that exited before this layer:

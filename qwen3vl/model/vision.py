@@ -20,7 +20,7 @@ from flax import nnx
 import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
-from qwen3vl.model.layers import LayerNorm, Linear, param
+from qwen3vl.model.layers import LayerNorm, Linear, param, precision_kwargs
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.model.stack import build_stack, run_stack, slice_stack
 from qwen3vl.sharding import constrain
@@ -82,14 +82,15 @@ class VisionBlock(nnx.Module):
   """Pre-norm block: x += proj(attn(rope(qkv(ln1 x)))); x += fc2(gelu_tanh(fc1(ln2 x)))."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    v, kw = cfg.vision, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    v = cfg.vision
+    kw, lin = precision_kwargs(cfg, "vision", rngs)
     d = v.hidden_size
     self.norm1 = LayerNorm(d, ("embed",), eps=v.layer_norm_eps, **kw)
     self.norm2 = LayerNorm(d, ("embed",), eps=v.layer_norm_eps, **kw)
-    self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, tag="vision_qkv", **kw)
-    self.proj = Linear(d, d, ("heads", "embed"), bias=True, tag="vision_proj", **kw)
-    self.fc1 = Linear(d, v.intermediate_size, ("embed", "mlp"), bias=True, tag="vision_fc1", **kw)
-    self.fc2 = Linear(v.intermediate_size, d, ("mlp", "embed"), bias=True, tag="vision_fc2", **kw)
+    self.qkv = Linear(d, 3 * d, ("embed", "heads"), bias=True, tag="vision_qkv", **kw, **lin)
+    self.proj = Linear(d, d, ("heads", "embed"), bias=True, tag="vision_proj", **kw, **lin)
+    self.fc1 = Linear(d, v.intermediate_size, ("embed", "mlp"), bias=True, tag="vision_fc1", **kw, **lin)
+    self.fc2 = Linear(v.intermediate_size, d, ("mlp", "embed"), bias=True, tag="vision_fc2", **kw, **lin)
     self.num_heads, self.attention_impl = v.num_heads, cfg.attention_impl
     self.block_size = cfg.vision_block_size
 
@@ -116,11 +117,12 @@ class PatchMerger(nnx.Module):
   LayerNorm over the concatenated 4D vector (`postshuffle`). Exact (erf) GELU in both."""
 
   def __init__(self, cfg: ModelConfig, postshuffle: bool, rngs: nnx.Rngs):
-    v, kw = cfg.vision, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    v = cfg.vision
+    kw, lin = precision_kwargs(cfg, "vision", rngs)
     wide = v.hidden_size * v.spatial_merge_size**2
     self.norm = LayerNorm(wide if postshuffle else v.hidden_size, ("embed",), eps=v.layer_norm_eps, **kw)
-    self.fc1 = Linear(wide, wide, ("embed", "mlp"), bias=True, **kw)
-    self.fc2 = Linear(wide, v.out_hidden_size, ("mlp", "out_embed"), bias=True, **kw)
+    self.fc1 = Linear(wide, wide, ("embed", "mlp"), bias=True, **kw, **lin)
+    self.fc2 = Linear(wide, v.out_hidden_size, ("mlp", "out_embed"), bias=True, **kw, **lin)
     self.postshuffle, self.wide = postshuffle, wide
 
   def __call__(self, x):
@@ -132,15 +134,15 @@ class VisionTower(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     v = cfg.vision
-    self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("patch", "embed"), bias=True, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+    kw, _ = precision_kwargs(cfg, "vision", rngs)  # the patch embedding stays out of float8
+    self.patch_embed = Linear(v.patch_dim, v.hidden_size, ("patch", "embed"), bias=True, **kw)
     self.pos_embed = param(rngs, (v.num_position_embeddings, v.hidden_size), (None, "embed"), cfg.param_dtype)
     self.blocks = build_stack(lambda r: VisionBlock(cfg, r), v.depth, rngs)
     self.merger = PatchMerger(cfg, postshuffle=False, rngs=rngs)
     self.deepstack_mergers = nnx.List([PatchMerger(cfg, postshuffle=True, rngs=rngs)
                                        for _ in v.deepstack_visual_indexes])
     self.cfg = v
-    self.scan, self.dtype, self.block_size = cfg.scan_layers, cfg.dtype, cfg.vision_block_size
+    self.scan, self.dtype, self.block_size = cfg.scan_layers, cfg.precision_of("vision")[0], cfg.vision_block_size
     self.remat, self.remat_custom = cfg.vision_remat, cfg.remat_custom
 
   def __call__(self, pixels: jax.Array, geometry: VisionGeometry):

@@ -36,11 +36,13 @@ class Qwen3VL(nnx.Module):
     cfg.validate()
     t, kw = cfg.text, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.visual = VisionTower(cfg, rngs)
-    self.embed = Embed(t.vocab_size, t.hidden_size, **kw)
+    head_dtype, head_fp8 = cfg.precision_of("head")
+    self.embed = Embed(t.vocab_size, t.hidden_size, head_dtype=head_dtype, head_fp8=head_fp8, **kw)
     self.layers = build_stack(lambda r: DecoderLayer(cfg, r), t.num_hidden_layers // cfg.share_every, rngs)
     self.norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
-    self.lm_head = None if cfg.tie_word_embeddings else Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"),
-                                                                 bias=False, **kw)
+    self.lm_head = None if cfg.tie_word_embeddings else Linear(
+        t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, fp8=head_fp8,
+        **dict(kw, dtype=head_dtype))
     self.config = cfg
 
   # ------------------------------------------------------------------------------------------- device side
