@@ -41,6 +41,8 @@ flags.DEFINE_integer("batch_size", 8, "--input prompts decoded together")
 flags.DEFINE_list("exit_layers", [], "early exit: decoder layers after which a confident token may stop")
 flags.DEFINE_float("exit_threshold", 1.0, "early exit: top next-token probability above which a token stops "
                    "(1.0 = never: the full model's outputs)")
+flags.DEFINE_float("vision_token_ratio", None, "vision-token merging: the fraction of each image's tokens the "
+                   "LLM sees (default: the checkpoint's setting, 1.0 = off)")
 
 
 def _as_list(x) -> list:
@@ -54,10 +56,14 @@ def main(argv):
   from qwen3vl.infer.assistant import Assistant, user_turn
 
   assistant = Assistant(FLAGS.checkpoint, dtype=FLAGS.dtype, kv_cache=FLAGS.kv_cache)
+  runtime = {}
   if FLAGS.exit_layers:
+    runtime.update(exit_layers=tuple(int(i) for i in FLAGS.exit_layers), exit_threshold=FLAGS.exit_threshold)
+  if FLAGS.vision_token_ratio is not None:
+    runtime.update(vision_token_ratio=FLAGS.vision_token_ratio)
+  if runtime:
     from qwen3vl.model.vlm import with_runtime
-    assistant.model = with_runtime(assistant.model, exit_layers=tuple(int(i) for i in FLAGS.exit_layers),
-                                   exit_threshold=FLAGS.exit_threshold)
+    assistant.model = with_runtime(assistant.model, **runtime)
   options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                  top_p=FLAGS.top_p, stop_strings=FLAGS.stop)
   key = jax.random.key(FLAGS.seed)

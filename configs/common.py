@@ -39,6 +39,9 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   # Per-part compute precision over model.dtype: "vision=bfloat16,decoder=float8,head=float32" (float8: e4m3
   # matmuls with per-tensor scales, float32 accumulation; emulated on CPU). "" = model.dtype everywhere.
   c.model.precision = ""
+  # Vision-token merging (qwen3vl/model/token_merge.py): the fraction of each frame's visual tokens the LLM
+  # sees (similar neighbours merged). 1.0 = off (exact).
+  c.model.vision_token_ratio = 1.0
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = placeholder(str)  # LLaVA/ShareGPT JSONL; None = built-in synthetic visual QA

@@ -16,7 +16,7 @@ from qwen3vl.model import remat
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size", "remat",
-                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision")
+                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision", "vision_token_ratio")
 PRECISION_PARTS = ("vision", "decoder", "head")
 PRECISION_DTYPES = ("float32", "bfloat16", "float16", "float8")
 
@@ -88,6 +88,11 @@ class ModelConfig:
   # Cross-layer parameter sharing (not a HF field): groups of this many consecutive decoder layers run one set
   # of weights; checkpoints store each group once, `save_pretrained` writes it out per layer.
   share_every: int = 1
+  # Mixture-of-Depths (not a HF field, model/depth.py): every `mod_every`-th decoder layer (layers i with
+  # (i + 1) % mod_every == 0) processes only the top `mod_capacity` fraction of each row's tokens in training,
+  # and the tokens its causal predictor picks at inference. 0 = off.
+  mod_every: int = 0
+  mod_capacity: float = 0.5
   # Runtime switches: not part of the checkpoint.
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"
@@ -110,6 +115,9 @@ class ModelConfig:
   # Per-module compute precision over `dtype`: "vision=bfloat16,decoder=float8,head=float32". float8 = the
   # module's matmuls in float8 (e4m3, one scale per tensor, float32 accumulation), activations in `dtype`.
   precision: str = ""
+  # Vision-token merging (model/token_merge.py): the fraction of each frame's visual tokens the LLM sees, similar
+  # neighbours merged on device; the prompt holds that many pad tokens per frame. 1.0 = off (exact).
+  vision_token_ratio: float = 1.0
 
   def precision_of(self, part: str) -> tuple[str, bool]:
     """(activation dtype, float8 matmuls?) of a part: vision, decoder or head."""
@@ -150,12 +158,20 @@ class ModelConfig:
              "mixing dense and MoE decoder layers is not supported (every released model is all-MoE)")
     _check(self.share_every >= 1 and t.num_hidden_layers % self.share_every == 0, "share_every",
            f"{self.share_every} must be >= 1 and divide text.num_hidden_layers={t.num_hidden_layers}")
+    if self.mod_every:
+      _check(self.mod_every >= 1 and t.num_hidden_layers % self.mod_every == 0, "mod_every",
+             f"{self.mod_every} must divide text.num_hidden_layers={t.num_hidden_layers}")
+      _check(self.share_every == 1, "mod_every", "Mixture-of-Depths with share_every > 1 is not supported")
+      _check(0.0 < self.mod_capacity <= 1.0, "mod_capacity", f"{self.mod_capacity} must be in (0, 1]")
+      _check(not self.exit_layers, "exit_layers", "early exit does not combine with Mixture-of-Depths")
     _check(all(0 <= i < t.num_hidden_layers - 1 for i in self.exit_layers), "exit_layers",
            f"{self.exit_layers} must lie in [0, num_hidden_layers - 1 = {t.num_hidden_layers - 1})")
     for item in filter(None, self.precision.replace(" ", "").split(",")):
       part, _, name = item.partition("=")
       _check(part in PRECISION_PARTS and name in PRECISION_DTYPES, "precision",
              f"entry {item!r}: parts are {PRECISION_PARTS}, dtypes {PRECISION_DTYPES}")
+    _check(0.0 < self.vision_token_ratio <= 1.0, "vision_token_ratio",
+           f"{self.vision_token_ratio} must be in (0, 1]")
     _check(0.0 < self.exit_threshold <= 1.0, "exit_threshold", f"{self.exit_threshold} must be in (0, 1]")
     _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
     for field in ("remat", "vision_remat"):

@@ -168,6 +168,9 @@ def save_pretrained(model: Qwen3VL, path: str, *, max_shard_bytes: int = 5 * 2**
   """Write config.json and safetensors shards (with an index when more than one) in the released layout; a model
   with shared decoder weights (`share_every`) is written out as the equivalent unshared model."""
   cfg = model.config
+  if cfg.mod_every:
+    raise ValueError("a Mixture-of-Depths model (mod_every > 0) has no Hugging Face equivalent; keep its Orbax "
+                     "checkpoint (train.py's work directory)")
   os.makedirs(path, exist_ok=True)
   state = nnx.state(model, nnx.Param)
   shards, current, size = [], {}, 0

@@ -30,6 +30,8 @@ import json
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from qwen3vl.model.token_merge import frame_tokens
+
 # Special tokens of the Qwen3-VL tokenizer (spec section 8).
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -221,17 +223,17 @@ def _grid_rows(grid, name) -> list[tuple[int, int, int]]:
     return rows
 
 
-def _image_replacement(grid, m):
+def _image_replacement(grid, m, ratio):
     t, h, w = grid
-    return IMAGE_PAD * (t * h * w // (m * m))
+    return IMAGE_PAD * (t * frame_tokens(h * w // (m * m), ratio))
 
 
-def _video_replacement(grid, stamps, m, k):
+def _video_replacement(grid, stamps, m, k, ratio):
     t, h, w = grid
     stamps = list(stamps)
     if len(stamps) != t:
         raise ValueError(f"video {k}: grid {grid} has {t} temporal patches but {len(stamps)} timestamps were given")
-    block = VISION_START + VIDEO_PAD * (h * w // (m * m)) + VISION_END
+    block = VISION_START + VIDEO_PAD * frame_tokens(h * w // (m * m), ratio) + VISION_END
     return "".join(f"<{float(ts):.1f} seconds>" + block for ts in stamps)
 
 
@@ -248,6 +250,7 @@ def expand_vision_placeholders(
     merge_size: int = 2,
     *,
     keep_video_wrapper: bool = False,
+    token_ratio: float = 1.0,
 ):
     """Expand single image/video placeholders into per-grid token runs (Qwen3VLProcessor semantics).
 
@@ -257,6 +260,7 @@ def expand_vision_placeholders(
     video_timestamps: per video, one float (seconds) per temporal patch, e.g. from `video_timestamps(...)`.
     keep_video_wrapper: False = replace the wrapped video placeholder wholesale (original Qwen processor);
       True = replace only `<|video_pad|>` (transformers >= 5). See the module docstring.
+    token_ratio: < 1 with vision-token merging: each frame takes `token_merge.frame_tokens` pads.
     Raises ValueError when placeholder counts, grids or timestamps disagree (the counts are named).
     """
     single = isinstance(text, str)
@@ -290,10 +294,10 @@ def expand_vision_placeholders(
         if mt.lastgroup == "image":
             k = it["image"]
             it["image"] += 1
-            return _image_replacement(images[k], m)
+            return _image_replacement(images[k], m, token_ratio)
         k = it["video"]
         it["video"] += 1
-        return _video_replacement(videos[k], video_timestamps[k], m, k)
+        return _video_replacement(videos[k], video_timestamps[k], m, k, token_ratio)
 
     out = [pattern.sub(repl, t) for t in texts]
     return out[0] if single else out
@@ -310,9 +314,11 @@ def build_prompt(
     keep_video_wrapper: bool = False,
     tools=None,
     add_vision_id: bool = False,
+    token_ratio: float = 1.0,
 ) -> str:
     """render_chat + expand_vision_placeholders: the full prompt string to tokenize."""
     text = render_chat(messages, add_generation_prompt, tools=tools, add_vision_id=add_vision_id)
     return expand_vision_placeholders(
-        text, image_grid_thw, video_grid_thw, video_timestamps, merge_size, keep_video_wrapper=keep_video_wrapper
+        text, image_grid_thw, video_grid_thw, video_timestamps, merge_size, keep_video_wrapper=keep_video_wrapper,
+        token_ratio=token_ratio,
     )

@@ -160,13 +160,15 @@ class SampleBuilder:
 
     def __init__(self, tokenizer: Tokenizer, *, max_length: int, min_pixels: int | None = None,
                  max_pixels: int | None = None, image_processor: ImageProcessor | None = None,
-                 video_processor: VideoProcessor | None = None, system_prompt: str | None = None):
+                 video_processor: VideoProcessor | None = None, system_prompt: str | None = None,
+                 token_ratio: float = 1.0):
         image_processor = image_processor or ImageProcessor()
         overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         self.image_processor = dataclasses.replace(image_processor, **overrides)
         self.video_processor = video_processor or VideoProcessor()
         self.tokenizer, self.max_length, self.system_prompt = tokenizer, int(max_length), system_prompt
         self.merge = self.image_processor.merge_size
+        self.token_ratio = float(token_ratio)  # vision-token merging: pad tokens per frame (model/token_merge.py)
         self.ids = tokenizer.special_ids
         self.patch_dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size ** 2
 
@@ -215,7 +217,8 @@ class SampleBuilder:
             if messages[k]["role"] == "user":
                 ni, nv = piece.count(chat.IMAGE_PAD), piece.count(chat.VIDEO_PAD)
                 piece = chat.expand_vision_placeholders(piece, image_grid[img:img + ni], video_grid[vid:vid + nv],
-                                                        stamps[vid:vid + nv], self.merge)
+                                                        stamps[vid:vid + nv], self.merge,
+                                                        token_ratio=self.token_ratio)
                 img, vid = img + ni, vid + nv
             elif messages[k]["role"] == "assistant":
                 assert piece.startswith(head) and piece.endswith(chat.IM_END + "\n"), piece
@@ -252,7 +255,8 @@ class SampleBuilder:
             positions, _ = get_rope_index(
                 input_ids[None], image_grid if len(image_grid) else None, video_grid if len(video_grid) else None,
                 image_token_id=self.ids["image_token_id"], video_token_id=self.ids["video_token_id"],
-                vision_start_token_id=self.ids["vision_start_token_id"], spatial_merge_size=self.merge)
+                vision_start_token_id=self.ids["vision_start_token_id"], spatial_merge_size=self.merge,
+                token_ratio=self.token_ratio)
         except ValueError as e:  # e.g. literal <|image_pad|> typed into the text
             raise SkipSample("token_mismatch", str(e)) from None
         targets = np.append(input_ids[1:], np.int32(self.ids["pad"])).astype(np.int32)

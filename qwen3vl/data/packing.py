@@ -146,11 +146,13 @@ class Packer:
                 batch["segment_ids"][r, sl] = seg
                 batch["positions"][:, r, sl] = s.positions
                 off += s.length
-        batch["visual_rows"][:] = visual_rows(batch["input_ids"], self.image_token_id, self.video_token_id)
         ordered = [s for row in self.rows for s in row]  # row-major token order
         pixels = [s.image_pixels for s in ordered] + [s.video_pixels for s in ordered]
         grids = [s.image_grid_thw for s in ordered] + [s.video_grid_thw for s in ordered]
         grids = np.concatenate([np.zeros((0, 3), np.int64)] + [np.asarray(g, np.int64).reshape(-1, 3) for g in grids])
+        ratio = self.builder.token_ratio if self.builder is not None else 1.0
+        batch["visual_rows"][:] = visual_rows(batch["input_ids"], self.image_token_id, self.video_token_id, grids,
+                                              self.merge, ratio)
         n = self._patches
         if n:
             batch["pixel_values"][:n] = np.concatenate(pixels)

@@ -110,7 +110,8 @@ class Assistant:
       out["pixel_values_videos"], video_grid, stamps = self.video_processor(list(videos))
       out["video_grid_thw"] = video_grid
     prompt = chat.build_prompt(messages, image_grid, video_grid, stamps, add_generation_prompt=True,
-                               merge_size=self.image_processor.merge_size)
+                               merge_size=self.image_processor.merge_size,
+                               token_ratio=self.model.config.vision_token_ratio)
     out["input_ids"] = np.asarray([list(prefix) + self.tokenizer.encode(prompt)], np.int32)
     return out
 

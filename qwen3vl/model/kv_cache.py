@@ -32,18 +32,22 @@ class KVCache:
   v: jax.Array
   k_scale: jax.Array | None = None  # [layers, B, S, Hkv] for int8
   v_scale: jax.Array | None = None
+  # [layers, B, S] bool, Mixture-of-Depths only: the token of a slot skipped that layer, so nobody attends to it
+  # there (False by default, also for slots added later by padding).
+  skipped: jax.Array | None = None
 
   @classmethod
   def empty(cls, num_layers: int, batch: int, size: int, num_kv_heads: int, head_dim: int, dtype,
-            kv_dtype: str = "auto") -> "KVCache":
+            kv_dtype: str = "auto", track_skips: bool = False) -> "KVCache":
     """Zeros; kv_dtype "auto" stores the compute dtype, "int8" int8 plus per-(slot, head) scales."""
     if kv_dtype not in KV_DTYPES:
       raise ValueError(f"kv cache dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     shape = (num_layers, batch, size, num_kv_heads, head_dim)
+    skipped = jnp.zeros(shape[:3], bool) if track_skips else None
     if kv_dtype == "auto":
-      return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)).placed()
+      return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), skipped=skipped).placed()
     zeros8, ones = jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1], dtype)
-    return cls(zeros8, zeros8, ones, ones).placed()
+    return cls(zeros8, zeros8, ones, ones, skipped).placed()
 
   def placed(self) -> "KVCache":
     """Pinned to the sharding rules under a mesh context (a no-op without one)."""
@@ -64,9 +68,15 @@ class KVCache:
       return jax.lax.dynamic_update_slice(cache, x, (layer, 0, index) + (0,) * (cache.ndim - 3))
 
     if not self.quantized:
-      return KVCache(put(self.k, k), put(self.v, v)).placed()
+      return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v)).placed()
     (k8, ks), (v8, vs) = _quantize(k, self.k_scale.dtype), _quantize(v, self.v_scale.dtype)
-    return KVCache(put(self.k, k8), put(self.v, v8), put(self.k_scale, ks), put(self.v_scale, vs)).placed()
+    return dataclasses.replace(self, k=put(self.k, k8), v=put(self.v, v8), k_scale=put(self.k_scale, ks),
+                               v_scale=put(self.v_scale, vs)).placed()
+
+  def mark_skipped(self, layer, index, skipped: jax.Array) -> "KVCache":
+    """Slots index..index+T-1 of layer `layer` hidden from attention where `skipped` [B, T] is True."""
+    update = jax.lax.dynamic_update_slice(self.skipped, skipped[None], (layer, 0, index))
+    return dataclasses.replace(self, skipped=update)
 
   def attend(self, layer, q: jax.Array, mask: jax.Array) -> jax.Array:
     """Layer `layer`'s attention: q [B, T, H, D] against all slots, mask [B, T, S] (True = visible) ->
@@ -78,6 +88,8 @@ class KVCache:
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * (d ** -0.5)
     if self.quantized:
       scores = scores * _per_slot(self.k_scale[layer])
+    if self.skipped is not None:
+      mask = mask & ~self.skipped[layer][:, None, :]
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     if self.quantized:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qwen3vl.model.token_merge import frame_tokens
+
 IMAGE_TOKEN_ID = 151655
 VIDEO_TOKEN_ID = 151656
 VISION_START_TOKEN_ID = 151652
@@ -97,6 +99,7 @@ def get_rope_index(
     video_token_id: int = VIDEO_TOKEN_ID,
     vision_start_token_id: int = VISION_START_TOKEN_ID,
     spatial_merge_size: int = 2,
+    token_ratio: float = 1.0,
 ):
     """3-D MRoPE position ids and rope deltas, numerically equal to HF transformers 5.24.
 
@@ -110,6 +113,9 @@ def get_rope_index(
       vision_start_token_id: accepted for API compatibility with the v4.57 algorithm; unused, since runs are
         found from pad-token types exactly like HF 5.24 (a vision_start is just a text token).
       spatial_merge_size: m (2 for all released Qwen3-VL models).
+      token_ratio: < 1 with vision-token merging (model/token_merge.py): each frame holds `frame_tokens` pad
+        tokens, and they get the frame's origin (t, and the run start on all axes); the model adds each
+        surviving token's (0, row, col) on device. Text positions are those of the unmerged layout.
 
     Returns:
       position_ids int64 [3, B, L] (axes t, h, w; padding -> 0) and rope_deltas int64 [B, 1]
@@ -143,12 +149,13 @@ def get_rope_index(
         if (g[:, 1:] % m).any():
             raise ValueError(f"{names[k]} grid h, w must be multiples of spatial_merge_size={m}: {g.tolist()}")
         n_tokens = int(np.count_nonzero((types == k) & valid))
-        n_expected = int((g.prod(-1) // (m * m)).sum())
+        n_expected = sum(t * frame_tokens(h * w // (m * m), token_ratio) for t, h, w in g.tolist())
         if n_tokens != n_expected:
             raise ValueError(
                 f"{names[k]} placeholder mismatch: input_ids hold {n_tokens} {names[k]} pad tokens (unpadded), "
                 f"but the {len(g)} {names[k]} grid(s) {g.tolist()} need {n_expected} "
-                f"(sum of t*h*w/{m * m}{', video grids split per temporal patch' if k == 2 else ''})"
+                f"(sum of t*h*w/{m * m}{', video grids split per temporal patch' if k == 2 else ''}"
+                f"{f', merged to ratio {token_ratio:g}' if token_ratio < 1 else ''})"
             )
     next_grid = {1: 0, 2: 0}
 
@@ -176,16 +183,21 @@ def get_rope_index(
             t, h, w = (int(v) for v in grids[kind][gi])
             next_grid[kind] = gi + 1
             gh, gw = h // m, w // m
-            if e - s != t * gh * gw:
+            per_frame = frame_tokens(gh * gw, token_ratio)
+            if e - s != t * per_frame:
                 raise ValueError(
                     f"row {b}: a run of {e - s} {names[kind]} pad tokens at unpadded offset {s} does not match "
-                    f"{names[kind]} grid #{gi} {(t, h, w)} which needs {t * gh * gw} tokens; each "
+                    f"{names[kind]} grid #{gi} {(t, h, w)} which needs {t * per_frame} tokens; each "
                     f"vision_start..vision_end block must hold exactly one grid"
                 )
-            tt, rr, cc = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-            out[0, s:e] = tt.reshape(-1) + cur
-            out[1, s:e] = rr.reshape(-1) + cur
-            out[2, s:e] = cc.reshape(-1) + cur
+            if per_frame < gh * gw:  # merged: frame origins, the model adds (0, row, col) of each survivor
+                out[0, s:e] = np.repeat(np.arange(t), per_frame) + cur
+                out[1:, s:e] = cur
+            else:
+                tt, rr, cc = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+                out[0, s:e] = tt.reshape(-1) + cur
+                out[1, s:e] = rr.reshape(-1) + cur
+                out[2, s:e] = cc.reshape(-1) + cur
             cur += max(h, w) // m
         position_ids[:, b, valid[b]] = out
         deltas[b, 0] = (int(out.max()) + 1 - n) if n else 0

@@ -33,10 +33,24 @@ def slice_stack(stack: nnx.Module, start: int, stop: int) -> nnx.Module:
   return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
 
 
+def index_stack(stack: nnx.Module, i) -> nnx.Module:
+  """Layer i of a stack, as a single layer (a view of the same parameter values)."""
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def block_stack(stack: nnx.Module, size: int) -> nnx.Module:
+  """A stack of n layers viewed as n / size blocks of `size` consecutive layers (leading axes [n/size, size]),
+  so a scan can run a block per step."""
+  graphdef, state = nnx.split(stack)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a.reshape((-1, size) + a.shape[1:]), state))
+
+
 def run_stack(stack: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry, xs=None, *,
               scan: bool = True, remat: str = "none", remat_custom: str = ""):
-  """(carry, y) = body(layer, carry, x) for each layer; returns (carry, ys stacked over layers). `remat` is a
-  preset of remat.py applied to each layer."""
+  """(carry, y) = body(layer, carry, x) for each layer; returns (carry, ys stacked over layers). `stack` may be a
+  tuple of stacks with the same leading size (body then gets a tuple). `remat` is a preset of remat.py applied
+  to each step."""
   policy = remat_lib.policy(remat, remat_custom)
   if remat != "none":  # inside a scan the loop already keeps XLA from merging forward and recomputation
     body = nnx.remat(body, policy=policy, prevent_cse=not scan)
@@ -47,11 +61,9 @@ def run_stack(stack: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[An
       return body(layer, c, x)
 
     return step(stack, carry, xs)
-  graphdef, state = nnx.split(stack)
-  num_layers = jax.tree.leaves(state)[0].shape[0]
+  num_layers = jax.tree.leaves(nnx.state(stack))[0].shape[0]
   ys = []
   for i in range(num_layers):
-    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-    carry, y = body(layer, carry, jax.tree.map(lambda a: a[i], xs))
+    carry, y = body(index_stack(stack, i), carry, jax.tree.map(lambda a: a[i], xs))
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -6,6 +6,9 @@ entry for notebooks: it prepares the inputs on the host and runs a compiled forw
 DeepStack inside the scan: the per-level visual features are scattered once into a dense [levels, B, L, H]
 tensor (zeros at text positions) that the scanned body indexes with the layer number; after layer i < levels
 it adds level i. Adding exact zeros elsewhere keeps the numbers identical to HF's masked add.
+
+The scan runs one *unit* per step: a layer, `share_every` layers on one weight set, or `mod_every` consecutive
+layers whose last is routed (Mixture-of-Depths, depth.py), so every step of the scan has the same structure.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ from flax import nnx
 
 from qwen3vl.config import ModelConfig
 from qwen3vl.sharding import constrain
-from qwen3vl.model import rope
+from qwen3vl.model import depth, rope, token_merge
 from qwen3vl.model.inputs import ModelInputs, prepare_inputs
 from qwen3vl.model.kv_cache import KVCache
 from qwen3vl.model.layers import Embed, Linear, RMSNorm
-from qwen3vl.model.stack import build_stack, run_stack
+from qwen3vl.model.stack import block_stack, build_stack, index_stack, run_stack
 from qwen3vl.model.text import DecoderLayer
 from qwen3vl.model.vision import VisionTower
 
@@ -39,6 +42,8 @@ class Qwen3VL(nnx.Module):
     head_dtype, head_fp8 = cfg.precision_of("head")
     self.embed = Embed(t.vocab_size, t.hidden_size, head_dtype=head_dtype, head_fp8=head_fp8, **kw)
     self.layers = build_stack(lambda r: DecoderLayer(cfg, r), t.num_hidden_layers // cfg.share_every, rngs)
+    self.depth_routers = build_stack(lambda r: depth.DepthRouter(cfg, r), t.num_hidden_layers // cfg.mod_every,
+                                     rngs) if cfg.mod_every else None
     self.norm = RMSNorm(t.hidden_size, ("embed",), eps=t.rms_norm_eps, **kw)
     self.lm_head = None if cfg.tie_word_embeddings else Linear(
         t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, fp8=head_fp8,
@@ -47,53 +52,100 @@ class Qwen3VL(nnx.Module):
 
   # ------------------------------------------------------------------------------------------- device side
   def embed_inputs(self, inputs: ModelInputs):
-    """Token embeddings with visual features scattered in, and the dense DeepStack tensor (or None)."""
-    x = self.embed(inputs.input_ids)
+    """Token embeddings with visual features scattered in, the dense DeepStack tensor (or None), and the
+    positions (with token merging, each visual token's grid offset added to its frame origin)."""
+    x, positions = self.embed(inputs.input_ids), inputs.positions
     if inputs.pixel_values is None:
-      return x, None
+      return x, None, positions
     merged, deepstack = self.visual(inputs.pixel_values, inputs.vision)
-    ds = jnp.zeros((deepstack.shape[0],) + x.shape, x.dtype)
-    visual = (inputs.visual_rows >= 0)[..., None]  # rows computed on the host (inputs.visual_rows)
+    visual = inputs.visual_rows >= 0  # rows computed on the host (inputs.visual_rows)
     row = jnp.clip(inputs.visual_rows, 0, merged.shape[0] - 1)
-    x = jnp.where(visual, merged[row].astype(x.dtype), x)
-    ds = jnp.where(visual[None], deepstack[:, row].astype(x.dtype), ds)
-    return x, ds
+    ratio = self.config.vision_token_ratio
+    if ratio < 1:
+      v = inputs.vision
+      merged, deepstack, grid = token_merge.merge_tokens(merged, deepstack, v.segment_ids, v.rowcol,
+                                                         self.config.vision.spatial_merge_size, ratio)
+      offset = jnp.concatenate([jnp.zeros_like(grid[:, :1]), grid], -1)[row]  # [B, L, 3]: (0, row, col)
+      positions = positions + jnp.where(visual[..., None], offset, 0).transpose(2, 0, 1).astype(positions.dtype)
+    ds = jnp.zeros((deepstack.shape[0],) + x.shape, x.dtype)
+    x = jnp.where(visual[..., None], merged[row].astype(x.dtype), x)
+    ds = jnp.where(visual[None, ..., None], deepstack[:, row].astype(x.dtype), ds)
+    return x, ds, positions
 
-  def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False, return_hidden: bool = False):
+  def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False, return_hidden: bool = False,
+              mod_routing: str = "predictor"):
     """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, per-layer hidden
-    states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss)."""
+    states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss).
+    Mixture-of-Depths layers route by `mod_routing`: "topk" (training: the row's top capacity, gathered) or
+    "predictor" (causal, as decoding does); extras then hold "router_mask" [layers, B*L] (tokens each layer
+    processed) and "depth" (predictor loss, agreement with the top-k, processed fraction)."""
     cfg = self.config
-    x, deepstack = self.embed_inputs(inputs)
+    x, deepstack, positions = self.embed_inputs(inputs)
     x = constrain(x, HIDDEN)
-    cos, sin = self._rope(inputs.positions, x.dtype)
+    cos, sin = self._rope(positions, x.dtype)
+    seg, valid = inputs.segment_ids, inputs.segment_ids > 0
 
-    def body(layer, h, group):
+    def body(unit, h, u):
       outs = []
-      for n in self._layer_numbers(group):
-        h, router_logits, _ = layer(h, cos, sin, inputs.segment_ids)
+      for (layer, router), n in zip(self._unit_layers(unit), self._layer_numbers(u)):
+        stats = None
+        if router is None:
+          h, router_logits, _ = layer(h, cos, sin, seg)
+          processed = valid
+        elif mod_routing == "topk":
+          h, router_logits, processed, stats = depth.route_topk(layer, router, h, cos, sin, seg, cfg.mod_capacity)
+        else:
+          logits, (_, chosen) = router.predict(h), depth.topk_choice(router.score(h), valid, cfg.mod_capacity)
+          h, router_logits, processed, _ = depth.route_causal(layer, router, h, cos, sin, seg)
+          stats = depth.predictor_stats(logits, chosen, valid, processed)
+        if cfg.mod_every:
+          stats = stats or depth.no_stats()
+          router_logits = (router_logits, (processed & valid).reshape(-1), stats)
         h = constrain(_add_deepstack(h, deepstack, n), HIDDEN)
         outs.append((router_logits, h if return_hidden_states else None))
       return h, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    x, per_layer = run_stack(self.layers, body, x, self._groups(), scan=cfg.scan_layers, remat=cfg.remat,
+    units, xs = self._scan_units()
+    x, per_layer = run_stack(units, body, x, xs, scan=cfg.scan_layers, remat=cfg.remat,
                              remat_custom=cfg.remat_custom)
     router_logits, hidden = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_layer)  # [layers, ...]
     x = self.norm(x)
     extras = {"router_logits": router_logits}
+    if cfg.mod_every:
+      extras["router_logits"], extras["router_mask"], stats = router_logits
+      stats = jax.tree.map(jnp.sum, stats)
+      extras["depth"] = {"predictor_loss": stats["loss"] / jnp.maximum(stats["tokens"], 1.0),
+                         "predictor_agreement": stats["agree"] / jnp.maximum(stats["tokens"], 1.0),
+                         "processed": stats["processed"] / jnp.maximum(stats["tokens"], 1.0)}
     if return_hidden_states:
       extras["hidden_states"] = hidden
     if return_hidden:
       return x, extras
     return self.logits(x), extras
 
-  def _groups(self):
-    """xs of the layer scan: one entry per stored weight group (= per layer without sharing)."""
-    return jnp.arange(self.config.text.num_hidden_layers // self.config.share_every)
+  def _scan_units(self):
+    """(stacked modules, unit numbers) of the decoder scan; see the module docstring."""
+    cfg = self.config
+    units = cfg.text.num_hidden_layers // self._unit_size()
+    if cfg.mod_every:
+      return (block_stack(self.layers, cfg.mod_every), self.depth_routers), jnp.arange(units)
+    return self.layers, jnp.arange(units)
 
-  def _layer_numbers(self, group):
-    """The decoder layers a weight group runs, in order (DeepStack and the KV cache count these)."""
-    k = self.config.share_every
-    return [group * k + j for j in range(k)]
+  def _unit_size(self):
+    return self.config.mod_every or self.config.share_every
+
+  def _unit_layers(self, unit):
+    """[(layer, its Mixture-of-Depths router or None)] for the layers of one scan unit, in order."""
+    m = self.config.mod_every
+    if not m:
+      return [(unit, None)] * self.config.share_every
+    layers, router = unit
+    return [(index_stack(layers, j), router if j == m - 1 else None) for j in range(m)]
+
+  def _layer_numbers(self, unit):
+    """The decoder layers a scan unit runs, in order (DeepStack and the KV cache count these)."""
+    k = self._unit_size()
+    return [unit * k + j for j in range(k)]
 
   def _rope(self, positions, dtype):
     t = self.config.text
@@ -109,7 +161,7 @@ class Qwen3VL(nnx.Module):
     """An empty KV cache of `size` slots for every decoder layer (see `kv_cache.KVCache.empty`)."""
     t = self.config.text
     return KVCache.empty(t.num_hidden_layers, batch, size, t.num_key_value_heads, t.head_dim, self.config.dtype,
-                         kv_dtype)
+                         kv_dtype, track_skips=bool(self.config.mod_every))
 
   def prefill(self, inputs: ModelInputs, cache: KVCache):
     """A left-padded prompt [B, L] written at cache slots 0..L-1 (attention within the prompt, through
@@ -126,18 +178,23 @@ class Qwen3VL(nnx.Module):
 
   def _run_cached(self, inputs, cache, index, mask):
     cfg = self.config
-    x, deepstack = self.embed_inputs(inputs)
-    cos, sin = self._rope(inputs.positions, x.dtype)
+    x, deepstack, positions = self.embed_inputs(inputs)
+    cos, sin = self._rope(positions, x.dtype)
     segment_ids = inputs.segment_ids if mask is None else None
     early = bool(cfg.exit_layers) and mask is not None and x.shape[1] == 1  # decode steps only
     confident = self._exit_test() if early else None
     b = x.shape[0]
 
-    def body(layer, carry, group):
-      h, kv, exited, depth = carry
-      for n in self._layer_numbers(group):
-        if not early:
-          h, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
+    def body(unit, carry, u):
+      h, kv, exited, ran = carry
+      for (layer, router), n in zip(self._unit_layers(unit), self._layer_numbers(u)):
+        at = (kv, n, index, mask)
+        if router is not None:  # Mixture-of-Depths: the predictor decides (early exit does not combine with it)
+          h, _, taken, kv = depth.route_causal(layer, router, h, cos, sin, segment_ids, at)
+          ran = ran + taken[:, -1].astype(jnp.int32)
+        elif not early:
+          h, _, kv = layer(h, cos, sin, segment_ids, at)
+          ran = ran + 1
         else:  # rows that exited keep their state; a batch that all exited only writes this layer's KV
           def run(layer, h, kv):
             out, _, kv = layer(h, cos, sin, segment_ids, (kv, n, index, mask))
@@ -145,16 +202,15 @@ class Qwen3VL(nnx.Module):
 
           h, kv = nnx.cond(exited.all(), lambda layer, h, kv: (h, layer.write_kv(h, cos, sin, (kv, n, index, mask))),
                            run, layer, h, kv)
-          depth = depth + (~exited).astype(jnp.int32)
+          ran = ran + (~exited).astype(jnp.int32)
           exited = exited | (jnp.isin(n, jnp.asarray(cfg.exit_layers)) & confident(h))
         h = _add_deepstack(h, deepstack, n)
-      return (h, kv, exited, depth), None
+      return (h, kv, exited, ran), None
 
     carry = (x, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    (x, cache, _, depth), _ = run_stack(self.layers, body, carry, self._groups(), scan=cfg.scan_layers)
-    if not early:
-      depth = jnp.full((b,), cfg.text.num_hidden_layers, jnp.int32)
-    return self.logits(self.norm(x[:, -1:]))[:, 0], cache, depth
+    units, xs = self._scan_units()
+    (x, cache, _, ran), _ = run_stack(units, body, carry, xs, scan=cfg.scan_layers)
+    return self.logits(self.norm(x[:, -1:]))[:, 0], cache, ran
 
   def _exit_test(self):
     """h [B, 1, H] -> [B] bool: the shared LM head's top probability on the normed state exceeds the threshold

@@ -80,7 +80,7 @@ def make_loaders(config, tokenizer, model_cfg):
   d, v = config.data, model_cfg.vision
   image_processor, video_processor = processors_for(v, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
   builder = SampleBuilder(tokenizer, max_length=d.max_length, image_processor=image_processor,
-                          video_processor=video_processor)
+                          video_processor=video_processor, token_ratio=model_cfg.vision_token_ratio)
   packer = Packer(distributed.local_share(d.batch_size, "data.batch_size"), d.max_length,
                   distributed.local_share(d.max_patches, "data.max_patches"), pack=d.pack, builder=builder,
                   merge_size=v.spatial_merge_size, num_position_embeddings=v.num_position_embeddings)
@@ -98,27 +98,33 @@ def make_loaders(config, tokenizer, model_cfg):
 
 
 # ------------------------------------------------------------------------------------------------ step fns
-def _loss_and_metrics(graphdef, params, batch, config):
+def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
+  """Training routes Mixture-of-Depths layers by the row's top-k, evaluation by the causal predictor (what
+  decoding sees)."""
   model = nnx.merge(graphdef, params)
+  routing = dict(mod_routing="topk" if training else "predictor")
   inputs = to_model_inputs(batch)
   mask = batch["loss_mask"]
   targets = batch["targets"]
   if config.loss.vocab_chunk:
-    hidden, extras = model.forward(inputs, return_hidden=True)
+    hidden, extras = model.forward(inputs, return_hidden=True, **routing)
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
     ce, predicted = losses.chunked_cross_entropy(hidden, head, targets, mask, config.loss.vocab_chunk)
   else:
-    logits, extras = model.forward(inputs)
+    logits, extras = model.forward(inputs, **routing)
     ce, _ = losses.cross_entropy(logits, targets, mask)
     predicted = logits.argmax(-1)
   metrics = {"loss/ce": ce}
   loss = ce
   if extras["router_logits"] is not None:
-    aux, z, load = losses.moe_losses(extras["router_logits"], (batch["segment_ids"] > 0).reshape(-1),
-                                     model.config.text.num_experts_per_tok)
+    routed = extras.get("router_mask", (batch["segment_ids"] > 0).reshape(-1))  # tokens each layer processed
+    aux, z, load = losses.moe_losses(extras["router_logits"], routed, model.config.text.num_experts_per_tok)
     loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
     metrics.update({"loss/aux": aux, "loss/z": z, "moe/expert_load": load,
                     "moe/max_load": load.max() / load.mean()})
+  if "depth" in extras:  # the predictor's own loss (its input carries no gradient into the model)
+    loss = loss + extras["depth"]["predictor_loss"]
+    metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
   correct = ((predicted == targets) * mask).sum()
   em, samples = losses.exact_match(predicted, targets, mask, batch["segment_ids"])
   metrics.update({"loss": loss, "correct": correct, "tokens": mask.sum(), "exact": em, "samples": samples,
@@ -179,7 +185,7 @@ class TrainStep:
 
 
 def eval_step(params, batch, *, graphdef, config):
-  return _loss_and_metrics(graphdef, params, batch, config)[1]
+  return _loss_and_metrics(graphdef, params, batch, config, training=False)[1]
 
 
 def _global_norm(tree):
@@ -336,6 +342,9 @@ def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
     record["train/aux_loss"] = np.mean([m["loss/aux"] for m in metrics])
     record["train/z_loss"] = np.mean([m["loss/z"] for m in metrics])
     record["train/expert_load"] = np.mean([m["moe/expert_load"] for m in metrics], axis=0).round(4).tolist()
+  if "mod/processed" in metrics[0]:
+    record["train/mod_processed"] = np.mean([m["mod/processed"] for m in metrics])
+    record["train/mod_predictor_agreement"] = np.mean([m["mod/predictor_agreement"] for m in metrics])
   if flops and peak:
     record["train/mfu"] = flops / (seconds / len(window)) / (peak * 1e12)
   return record
@@ -358,9 +367,16 @@ def evaluate(eval_fn, params, make_eval, max_batches: int, mesh, merge_size: int
       totals["loss"] += float(m["loss/ce"]) * float(m["tokens"])
       for k in ("correct", "tokens", "exact", "samples"):
         totals[k] += float(m[k])
+      for k in ("mod/processed", "mod/predictor_agreement"):  # Mixture-of-Depths, routed by the predictor
+        if k in m:
+          totals[k] = totals.get(k, 0.0) + float(m[k])
       totals["batches"] += 1
   finally:
     loader.close()
-  return {"eval/loss": totals["loss"] / max(totals["tokens"], 1),
-          "eval/accuracy": totals["correct"] / max(totals["tokens"], 1),
-          "eval/exact_match": totals["exact"] / max(totals["samples"], 1), "eval/samples": totals["samples"]}
+  out = {"eval/loss": totals["loss"] / max(totals["tokens"], 1),
+         "eval/accuracy": totals["correct"] / max(totals["tokens"], 1),
+         "eval/exact_match": totals["exact"] / max(totals["samples"], 1), "eval/samples": totals["samples"]}
+  for k in ("mod/processed", "mod/predictor_agreement"):
+    if k in totals:
+      out["eval/" + k.replace("/", "_")] = totals[k] / max(totals["batches"], 1)
+  return out
