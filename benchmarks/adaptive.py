@@ -25,6 +25,7 @@ the compiled prefill (vision tower, merging, decoder; host preparation excluded)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ def main():
   parser.add_argument("--measure", default="early_exit", choices=("early_exit", "mod", "merge"))
   parser.add_argument("--ratios", default="1.0,0.5")
   parser.add_argument("--pixels", type=int, default=448 * 448)
+  parser.add_argument("--image_size", type=int, default=None, help="synthetic image side (default: the run's)")
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--mod_every", type=int, default=2)
   parser.add_argument("--capacity", type=float, default=0.5)
@@ -166,7 +168,9 @@ def measure_merge(args):
   assistant = Assistant(args.checkpoint)
   full, small = assistant.model, assistant.image_processor
   large = dataclasses.replace(small, max_pixels=args.pixels, min_pixels=args.pixels // 2)
-  records = [make_record("eval", i) for i in range(args.questions)]
+  run_config = os.path.join(args.checkpoint, "config.json")
+  size = json.load(open(run_config)).get("data", {}).get("image_size", 64) if os.path.exists(run_config) else 64
+  records = [make_record("eval", i, image_size=args.image_size or size) for i in range(args.questions)]
   truth = [r["meta"]["answer"] for r in records]
   question = records[0]["conversations"][0]["value"][len("<image>\n"):]
   side = int(args.pixels ** 0.5)

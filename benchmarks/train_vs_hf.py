@@ -80,7 +80,7 @@ def hf_batch(samples):
           "image_grid_thw": torch.tensor(np.concatenate([s.image_grid_thw for s in samples]))}
 
 
-def our_step(path: str, samples, lr: float):
+def our_step(path: str, samples, lr: float, moe_impl: str = "blocked"):
   """(step(state) -> (state, loss), state): the trainer's jitted train step on the checkpoint at `path`."""
   import functools
 
@@ -99,7 +99,7 @@ def our_step(path: str, samples, lr: float):
   config.optim.b2, config.optim.min_lr_ratio = 0.999, 1.0
   config.loss.aux_loss_coef = 0.001
   config.loss.z_loss_coef = 0.0  # HF adds the load-balancing loss only
-  model = hf.load_pretrained(path, dtype="float32", attention_impl="xla")
+  model = hf.load_pretrained(path, dtype="float32", attention_impl="xla", moe_impl=moe_impl)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   tx = make_optimizer(config.optim, 1000, params)
@@ -125,6 +125,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=512)
   parser.add_argument("--rounds", type=int, default=6)
+  parser.add_argument("--moe_impl", default="blocked", help="ours: blocked (the CPU overlay's), ragged or dense")
   args = parser.parse_args()
 
   import jax
@@ -140,7 +141,7 @@ def main():
   lr = 1e-4
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
-    ours, state = our_step(tmp, samples, lr)
+    ours, state = our_step(tmp, samples, lr, args.moe_impl)
   batch = hf_batch(samples)
   opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
@@ -152,7 +153,7 @@ def main():
     opt.zero_grad(set_to_none=True)
     return float(out.loss)
 
-  print(f"{args.model} model, {n_params / 1e6:.1f}M parameters; batch {args.batch} x {args.length} tokens, one "
+  print(f"{args.model} model (ours: moe_impl={args.moe_impl}), {n_params / 1e6:.1f}M parameters; batch {args.batch} x {args.length} tokens, one "
         f"224x224 image per row; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)", flush=True)
   t0 = time.perf_counter()

@@ -98,7 +98,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   attention_impl: str | None = None  # None: kernels.attention picks (see kernels/attention.py)
-  moe_impl: str = "ragged"  # "ragged" (jax.lax.ragged_dot, dropless) or "dense" (reference, all experts)
+  # "ragged" (jax.lax.ragged_dot, dropless), "blocked" (the same, padded blocks and a batched matmul: XLA:CPU) or
+  # "dense" (reference, all experts)
+  moe_impl: str = "ragged"
   # > 0: vision attention through kernels.block_sparse_attention over the per-image block layout, so packed images
   # cost the sum of their squared lengths (in blocks of this many patches); 0: kernels.attention with segment ids.
   vision_block_size: int = 128
@@ -173,7 +175,8 @@ class ModelConfig:
     _check(0.0 < self.vision_token_ratio <= 1.0, "vision_token_ratio",
            f"{self.vision_token_ratio} must be in (0, 1]")
     _check(0.0 < self.exit_threshold <= 1.0, "exit_threshold", f"{self.exit_threshold} must be in (0, 1]")
-    _check(self.moe_impl in ("ragged", "dense"), "moe_impl", f"{self.moe_impl!r} is not 'ragged' or 'dense'")
+    _check(self.moe_impl in ("ragged", "blocked", "dense"), "moe_impl",
+           f"{self.moe_impl!r} is not 'ragged', 'blocked' or 'dense'")
     for field in ("remat", "vision_remat"):
       _check(getattr(self, field) in remat.PRESETS, field, f"{getattr(self, field)!r} is not one of {remat.PRESETS}")
     try:

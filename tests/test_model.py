@@ -1,5 +1,6 @@
 """Model parity with HF transformers (golden fixtures; live when torch is importable) and model invariants."""
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -97,19 +98,37 @@ def test_scanned_equals_unscanned(inputs, loaded):
   np.testing.assert_allclose(scanned, unscanned, atol=1e-6, rtol=0)
 
 
-def test_ragged_moe_equals_dense_moe(inputs, loaded):
-  x = _prepare(loaded("moe"), inputs)
-  ragged, dense = loaded("moe"), loaded("moe", moe_impl="dense")
-  np.testing.assert_allclose(_forward(ragged, x)[0], _forward(dense, x)[0], atol=1e-5, rtol=0)
-  # Gradients of both paths agree too (the ragged path is what training differentiates).
-  h = jax.random.normal(jax.random.key(0), (2, 7, ragged.config.text.hidden_size))
+def test_ragged_and_blocked_moe_equal_dense_moe(loaded):
+  dense = loaded("moe", moe_impl="dense")
+  h = jax.random.normal(jax.random.key(0), (2, 7, dense.config.text.hidden_size))  # 14 rows: uneven groups
 
   def loss(mlp, h):
     return jnp.sum(jnp.sin(mlp(h)[0]))
-  g_r = nnx.grad(loss)(_layer(ragged, 0).mlp, h)
-  g_d = nnx.grad(loss)(_layer(dense, 0).mlp, h)
-  for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_d)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  y_d, g_d = _layer(dense, 0).mlp(h)[0], nnx.grad(loss)(_layer(dense, 0).mlp, h)
+  for impl in ("ragged", "blocked"):  # the grouped paths are what training runs and differentiates
+    mlp = _layer(loaded("moe", moe_impl=impl), 0).mlp
+    np.testing.assert_allclose(mlp(h)[0], y_d, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(nnx.grad(loss)(mlp, h)), jax.tree.leaves(g_d)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [(0, 13, 1, 0, 30, 2), (46, 0, 0, 0, 0, 0), (3, 5, 0, 7, 0, 11)])
+def test_blocked_grouped_matmul_equals_ragged_dot(sizes):
+  """Groups of several blocks, empty groups, and rows past the last group (zeros, as ragged_dot gives)."""
+  from qwen3vl.model.grouped_matmul import blocked_grouped_matmul
+  lhs = jax.random.normal(jax.random.key(1), (46, 24))
+  rhs = jax.random.normal(jax.random.key(2), (len(sizes), 24, 10))
+  sizes = jnp.asarray(sizes, jnp.int32)
+  w = jax.random.normal(jax.random.key(3), (46, 10))
+
+  def loss(fn, lhs, rhs):
+    y = fn(lhs, rhs, sizes)
+    return jnp.sum(jnp.sin(y) * w), y
+  ours = jax.value_and_grad(functools.partial(loss, functools.partial(blocked_grouped_matmul, block=8)),
+                            (0, 1), has_aux=True)(lhs, rhs)
+  ref = jax.value_and_grad(functools.partial(loss, jax.lax.ragged_dot), (0, 1), has_aux=True)(lhs, rhs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 def _layer(model, i):

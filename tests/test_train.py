@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -43,14 +44,19 @@ def _command(workdir, steps):
 
 
 def test_kill_and_resume_gives_identical_losses(tmp_path):
-  straight = tmp_path / "straight"
-  trainer.train(_config(steps=12), str(straight))
   resumed = tmp_path / "resumed"
   proc = subprocess.Popen(_command(resumed, 12), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 300
-  while time.time() < deadline and max(_losses(resumed, missing_ok=True), default=0) < 3:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)  # killed mid-run: it saves a checkpoint at the step it reached
+
+  def kill_after_step_3():
+    deadline = time.time() + 300
+    while time.time() < deadline and max(_losses(resumed, missing_ok=True), default=0) < 3:
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # killed mid-run: it saves a checkpoint at the step it reached
+  killer = threading.Thread(target=kill_after_step_3)
+  killer.start()
+  straight = tmp_path / "straight"  # trained here meanwhile
+  trainer.train(_config(steps=12), str(straight))
+  killer.join()
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err.decode()[-2000:]
   killed_at = max(_losses(resumed))

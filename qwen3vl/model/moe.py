@@ -1,8 +1,10 @@
 """Qwen3-VL-MoE sparse block: softmax router, top-k, renormalised weights, no shared expert.
 
-Two paths, one numeric definition: "ragged" (dropless: the token copies are sorted by expert and the experts
-run as `jax.lax.ragged_dot`, so compute follows the routed load) and "dense" (every expert on every token,
-weighted by a scattered weight matrix; the reference the tests compare against). Expert weights use the
+Three paths, one numeric definition: "ragged" (dropless: the token copies are sorted by expert and the experts
+run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the same sorted copies through
+`grouped_matmul.blocked_grouped_matmul`, padded blocks and one batched matmul: for XLA:CPU, whose ragged_dot
+runs every expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
+matrix; the reference the tests compare against). Expert weights use the
 released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
 
 On a mesh (under `jax.set_mesh`, as the train step runs) the ragged path is a `shard_map` over the batch axes:
@@ -22,6 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
+from qwen3vl.model.grouped_matmul import blocked_grouped_matmul
 from qwen3vl.model.layers import param
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import BATCH
@@ -95,8 +98,9 @@ class MoE(nnx.Module):
     order = jnp.argsort(flat, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
-    h = checkpoint_tag(grouped_matmul(x[token], gate_up, group_sizes), "moe_gate_up")
-    out = checkpoint_tag(grouped_matmul(self._expert_mlp(h), down, group_sizes), "moe_down")
+    gmm = blocked_grouped_matmul if self.impl == "blocked" else grouped_matmul
+    h = checkpoint_tag(gmm(x[token], gate_up, group_sizes), "moe_gate_up")
+    out = checkpoint_tag(gmm(self._expert_mlp(h), down, group_sizes), "moe_down")
     scale = jnp.where(mine, weights.reshape(-1), 0)[order]
     out = jnp.where(mine[order][:, None], out, 0) * scale[:, None]  # rows past the groups are not defined
     return jnp.zeros_like(x).at[token].add(out)
