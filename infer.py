@@ -141,4 +141,6 @@ def run():
 
 
 if __name__ == "__main__":
+  from qwen3vl.host_malloc import reexec_with_tuned_malloc
+  reexec_with_tuned_malloc()
   run()

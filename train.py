@@ -22,4 +22,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from qwen3vl.host_malloc import reexec_with_tuned_malloc
+  reexec_with_tuned_malloc()
   app.run(main)

@@ -8,7 +8,8 @@ backward, `clip_grad_norm_` and `torch.optim.AdamW`: the loop a HF user writes. 
 checkpoint (saved by HF, loaded by `qwen3vl.hf.load_pretrained`) and the same batch: B rows of L tokens, one
 224x224 image (49 tokens) per row. The steps are timed interleaved (HF, ours, HF, ours, ...) after a warm-up, so
 machine noise hits both alike; the ratio of medians is the figure. The first-step losses are printed side by
-side as a check that both compute the same thing.
+side as a check that both compute the same thing. The process runs under `qwen3vl.host_malloc`'s glibc settings
+(as train.py does), which serve both frameworks' allocations.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def hf_batch(samples):
           "image_grid_thw": torch.tensor(np.concatenate([s.image_grid_thw for s in samples]))}
 
 
-def our_step(path: str, samples, lr: float, moe_impl: str = "blocked"):
+def our_step(path: str, samples, lr: float, moe_impl: str = "blocked", scan_layers: bool = True):
   """(step(state) -> (state, loss), state): the trainer's jitted train step on the checkpoint at `path`."""
   import functools
 
@@ -99,7 +100,7 @@ def our_step(path: str, samples, lr: float, moe_impl: str = "blocked"):
   config.optim.b2, config.optim.min_lr_ratio = 0.999, 1.0
   config.loss.aux_loss_coef = 0.001
   config.loss.z_loss_coef = 0.0  # HF adds the load-balancing loss only
-  model = hf.load_pretrained(path, dtype="float32", attention_impl="xla", moe_impl=moe_impl)
+  model = hf.load_pretrained(path, dtype="float32", attention_impl="xla", moe_impl=moe_impl, scan_layers=scan_layers)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   tx = make_optimizer(config.optim, 1000, params)
@@ -126,6 +127,8 @@ def main():
   parser.add_argument("--length", type=int, default=512)
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--moe_impl", default="blocked", help="ours: blocked (the CPU overlay's), ragged or dense")
+  parser.add_argument("--scan_layers", type=int, default=1, help="ours: 1 = layers in a scan (the default), 0 = "
+                      "unrolled (faster on XLA:CPU at 8 layers: no stacked residual buffers to fill)")
   args = parser.parse_args()
 
   import jax
@@ -141,7 +144,7 @@ def main():
   lr = 1e-4
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
-    ours, state = our_step(tmp, samples, lr, args.moe_impl)
+    ours, state = our_step(tmp, samples, lr, args.moe_impl, bool(args.scan_layers))
   batch = hf_batch(samples)
   opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
@@ -153,7 +156,8 @@ def main():
     opt.zero_grad(set_to_none=True)
     return float(out.loss)
 
-  print(f"{args.model} model (ours: moe_impl={args.moe_impl}), {n_params / 1e6:.1f}M parameters; batch {args.batch} x {args.length} tokens, one "
+  print(f"{args.model} model (ours: moe_impl={args.moe_impl}, scan_layers={bool(args.scan_layers)}), "
+        f"{n_params / 1e6:.1f}M parameters; batch {args.batch} x {args.length} tokens, one "
         f"224x224 image per row; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)", flush=True)
   t0 = time.perf_counter()
@@ -179,4 +183,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from qwen3vl.host_malloc import reexec_with_tuned_malloc
+  reexec_with_tuned_malloc()  # the same glibc settings for both frameworks in this one process
   main()

@@ -7,17 +7,19 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Mean token cross-entropy over `mask`, in float32. Returns (loss, per-token loss [B, L])."""
+  """Mean token cross-entropy over `mask`, in float32. Returns (loss, correct [B, L]): correct where the target's
+  logit is the largest (greedy would pick it; a max, cheaper than an argmax's index search over the vocabulary)."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   per_token = (lse - target_logit) * mask
-  return per_token.sum() / jnp.maximum(mask.sum(), 1.0), per_token
+  correct = target_logit >= jax.lax.stop_gradient(logits.max(-1))
+  return per_token.sum() / jnp.maximum(mask.sum(), 1.0), correct
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int):
   """Cross-entropy of `hidden @ head` ([B, L, H] x [H, V]) without materialising [B, L, V] logits: a scan over
-  vocabulary chunks keeps a running log-sum-exp. Returns (loss, argmax [B, L]) (argmax for accuracy)."""
+  vocabulary chunks keeps a running log-sum-exp and max. Returns (loss, correct [B, L]) as `cross_entropy`."""
   vocab = head.shape[1]
   pad = (-vocab) % chunk
   w = jnp.pad(head, ((0, 0), (0, pad))).reshape(head.shape[0], -1, chunk).transpose(1, 0, 2)
@@ -25,7 +27,7 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
 
   @jax.checkpoint
   def step(carry, xs):
-    lse, target_logit, best, best_id = carry
+    lse, target_logit, best = carry
     w_c, start = xs
     logits = h @ w_c.astype(jnp.float32)
     ids = start + jnp.arange(chunk)
@@ -33,15 +35,13 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     lse = jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1))
     hit = (targets[..., None] == ids)
     target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    chunk_best = logits.max(-1)
-    best_id = jnp.where(chunk_best > best, start + logits.argmax(-1), best_id)
-    return (lse, target_logit, jnp.maximum(best, chunk_best), best_id), None
+    return (lse, target_logit, jnp.maximum(best, logits.max(-1))), None
 
   shape = targets.shape
-  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.int32))
-  (lse, target_logit, _, best_id), _ = jax.lax.scan(step, init, (w, jnp.arange(w.shape[0]) * chunk))
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.full(shape, -jnp.inf))
+  (lse, target_logit, best), _ = jax.lax.scan(step, init, (w, jnp.arange(w.shape[0]) * chunk))
   per_token = (lse - target_logit) * mask
-  return per_token.sum() / jnp.maximum(mask.sum(), 1.0), best_id
+  return per_token.sum() / jnp.maximum(mask.sum(), 1.0), target_logit >= jax.lax.stop_gradient(best)
 
 
 def moe_losses(router_logits: jax.Array, token_mask: jax.Array, top_k: int):
@@ -64,13 +64,13 @@ def moe_losses(router_logits: jax.Array, token_mask: jax.Array, top_k: int):
   return aux, z, f
 
 
-def exact_match(predicted: jax.Array, targets: jax.Array, mask: jax.Array, segment_ids: jax.Array):
-  """Per-sample exact match: a sample (a segment of a row) counts when every masked token is right.
+def exact_match(correct: jax.Array, mask: jax.Array, segment_ids: jax.Array):
+  """Per-sample exact match: a sample (a segment of a row) counts when every masked token is `correct` [B, L].
   Teacher-forced, so it equals greedy decoding of the answer. Returns (correct samples, samples)."""
-  b, l = targets.shape
+  b, l = correct.shape
   max_segments = l + 1
   sample = (jnp.arange(b)[:, None] * max_segments + segment_ids).reshape(-1)
-  wrong = ((predicted != targets) & (mask > 0)).reshape(-1).astype(jnp.int32)
+  wrong = (~correct & (mask > 0)).reshape(-1).astype(jnp.int32)
   has_loss = (mask > 0).reshape(-1).astype(jnp.int32)
   n = b * max_segments
   any_wrong = jax.ops.segment_max(wrong, sample, num_segments=n)

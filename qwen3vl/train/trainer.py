@@ -109,11 +109,10 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   if config.loss.vocab_chunk:
     hidden, extras = model.forward(inputs, return_hidden=True, **routing)
     head = model.embed.embedding[...].T if model.lm_head is None else model.lm_head.kernel[...]
-    ce, predicted = losses.chunked_cross_entropy(hidden, head, targets, mask, config.loss.vocab_chunk)
+    ce, correct = losses.chunked_cross_entropy(hidden, head, targets, mask, config.loss.vocab_chunk)
   else:
     logits, extras = model.forward(inputs, **routing)
-    ce, _ = losses.cross_entropy(logits, targets, mask)
-    predicted = logits.argmax(-1)
+    ce, correct = losses.cross_entropy(logits, targets, mask)
   metrics = {"loss/ce": ce}
   loss = ce
   if extras["router_logits"] is not None:
@@ -125,9 +124,8 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   if "depth" in extras:  # the predictor's own loss (its input carries no gradient into the model)
     loss = loss + extras["depth"]["predictor_loss"]
     metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
-  correct = ((predicted == targets) * mask).sum()
-  em, samples = losses.exact_match(predicted, targets, mask, batch["segment_ids"])
-  metrics.update({"loss": loss, "correct": correct, "tokens": mask.sum(), "exact": em, "samples": samples,
+  em, samples = losses.exact_match(correct, mask, batch["segment_ids"])
+  metrics.update({"loss": loss, "correct": (correct * mask).sum(), "tokens": mask.sum(), "exact": em, "samples": samples,
                   "seen_tokens": (batch["segment_ids"] > 0).sum()})
   return loss, metrics
 
