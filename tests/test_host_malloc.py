@@ -2,8 +2,11 @@
 heap: a computation with a 41 MB temporary then faults no pages in, where plain glibc maps and faults the whole
 buffer in on every call."""
 import os
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 from qwen3vl.host_malloc import SETTINGS
@@ -33,6 +36,7 @@ def _run(**env):
   return arena, [int(f) for f in faults]
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_tuned_malloc_reuses_large_buffers():
   arena, faults = _run()
   # Restarted with the settings; most calls take the buffer from the heap (the order in which XLA's threads free
