@@ -44,6 +44,8 @@ def main():
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--mod_every", type=int, default=2)
   parser.add_argument("--capacity", type=float, default=0.5)
+  parser.add_argument("--moe_impl", default=None, help="--measure=mod: experts as blocked / dense / ragged "
+                      "(default: the hardware overlay's)")
   parser.add_argument("--rounds", type=int, default=20)
   parser.add_argument("--checkpoint", default="workdir")
   parser.add_argument("--questions", type=int, default=128)
@@ -118,6 +120,7 @@ def measure_mod(args):
     config.model.text.num_hidden_layers = args.layers
     config.model.mod_every, config.model.mod_capacity = mod_every, args.capacity
     config.model.scan_layers = False  # unrolled: the cost analysis counts every layer
+    config.model.moe_impl = args.moe_impl  # None: the hardware overlay's
     hardware.apply_overlay(config)
     tokenizer = Tokenizer.builtin()
     cfg = trainer.model_config(config, tokenizer)
