@@ -98,17 +98,20 @@ def test_scanned_equals_unscanned(inputs, loaded):
   np.testing.assert_allclose(scanned, unscanned, atol=1e-6, rtol=0)
 
 
-def test_ragged_and_blocked_moe_equal_dense_moe(loaded):
-  dense = loaded("moe", moe_impl="dense")
-  h = jax.random.normal(jax.random.key(0), (2, 7, dense.config.text.hidden_size))  # 14 rows: uneven groups
+def test_ragged_and_blocked_moe_equal_dense_moe():
+  from configs import models
+  from qwen3vl.model.moe import MoE
+  cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict())
+  h = jax.random.normal(jax.random.key(0), (2, 37, cfg.text.hidden_size))  # 74 rows x top-2: uneven groups
 
-  def loss(mlp, h):
-    return jnp.sum(jnp.sin(mlp(h)[0]))
-  y_d, g_d = _layer(dense, 0).mlp(h)[0], nnx.grad(loss)(_layer(dense, 0).mlp, h)
+  @nnx.jit
+  def value_and_grad(mlp, h):
+    return nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(m(h)[0])))(mlp), mlp(h)[0]
+  (_, g_d), y_d = value_and_grad(MoE(cfg.replace(moe_impl="dense"), nnx.Rngs(0)), h)
   for impl in ("ragged", "blocked"):  # the grouped paths are what training runs and differentiates
-    mlp = _layer(loaded("moe", moe_impl=impl), 0).mlp
-    np.testing.assert_allclose(mlp(h)[0], y_d, atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(nnx.grad(loss)(mlp, h)), jax.tree.leaves(g_d)):
+    (_, g), y = value_and_grad(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(0)), h)  # the same weights
+    np.testing.assert_allclose(y, y_d, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_d)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
