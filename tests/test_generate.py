@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import FIXTURES
 from qwen3vl import hf
@@ -178,12 +179,13 @@ def test_int8_cache_quarters_memory_and_keeps_the_choices():
   part = lambda a, b: dataclasses.replace(inputs, input_ids=inputs.input_ids[:, a:b],
                                           positions=inputs.positions[:, :, a:b], segment_ids=inputs.segment_ids[:, a:b])
   logits = {}
+  extend = nnx.jit(lambda model, step, cache, j, mask: model.extend(step, cache, j, mask))
   for kv_dtype in ("auto", "int8"):
     _, cache = model.prefill(part(0, n), model.new_cache(1, n + steps, kv_dtype))
     out = []
     for j in range(n, n + steps):
       step = dataclasses.replace(part(j, j + 1), segment_ids=None)
-      lg, cache = model.extend(step, cache, j, visibility(jnp.ones((1, n + steps), bool), j, 1))
+      lg, cache = extend(model, step, cache, jnp.int32(j), visibility(jnp.ones((1, n + steps), bool), j, 1))
       out.append(np.asarray(lg))
     logits[kv_dtype] = np.stack(out, 1)
   np.testing.assert_array_equal(logits["int8"].argmax(-1), logits["auto"].argmax(-1))
