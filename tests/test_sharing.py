@@ -50,7 +50,7 @@ def test_shared_gradients_are_the_sum_over_the_layers_that_use_them(pair):
   def grads(model):
     graphdef, params = nnx.split(model, nnx.Param)
     loss = lambda p: nnx.merge(graphdef, p).forward(inputs)[0].std()
-    return nnx.to_pure_dict(jax.grad(loss)(params))["layers"]
+    return nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))["layers"]
 
   g_shared, g_full = grads(shared), grads(full)
   summed = jax.tree.map(lambda g: g.reshape((2, 2) + g.shape[1:]).sum(1), g_full)  # layers 2k and 2k+1
