@@ -115,7 +115,8 @@ def test_ragged_and_blocked_moe_equal_dense_moe():
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [(0, 13, 1, 0, 30, 2), (46, 0, 0, 0, 0, 0), (3, 5, 0, 7, 0, 11)])
+@pytest.mark.parametrize("sizes", [(0, 13, 1, 0, 30, 2), (46, 0, 0, 0, 0, 0), (3, 5, 0, 7, 0, 11),
+                                   (1, 1, 1, 1, 1, 41)])  # the last fills every static block
 def test_blocked_grouped_matmul_equals_ragged_dot(sizes):
   """Groups of several blocks, empty groups, and rows past the last group (zeros, as ragged_dot gives)."""
   from qwen3vl.model.grouped_matmul import blocked_grouped_matmul

@@ -19,7 +19,7 @@ def blocked_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Arra
   padded = (sizes + block - 1) // block * block
   start = jnp.cumsum(sizes) - sizes  # first row of each group in lhs
   padded_start = jnp.cumsum(padded) - padded
-  num_blocks = -(-m // block) + g  # static bound on sum(ceil(size / block))
+  num_blocks = (m + g * (block - 1)) // block  # static bound: sum(ceil(s / block)) <= (sum(s) + g(block - 1)) / block
   row = jnp.arange(m)
   group = jnp.clip(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), 0, g - 1)
   valid = row < sizes.sum()
