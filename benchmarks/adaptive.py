@@ -171,9 +171,11 @@ def measure_merge(args):
   assistant = Assistant(args.checkpoint)
   full, small = assistant.model, assistant.image_processor
   large = dataclasses.replace(small, max_pixels=args.pixels, min_pixels=args.pixels // 2)
-  run_config = os.path.join(args.checkpoint, "config.json")
-  size = json.load(open(run_config)).get("data", {}).get("image_size", 64) if os.path.exists(run_config) else 64
-  records = [make_record("eval", i, image_size=args.image_size or size) for i in range(args.questions)]
+  run_config, size = os.path.join(args.checkpoint, "config.json"), args.image_size
+  if size is None and os.path.exists(run_config):  # the image side the run trained on
+    with open(run_config) as f:
+      size = json.load(f).get("data", {}).get("image_size")
+  records = [make_record("eval", i, **({"image_size": size} if size else {})) for i in range(args.questions)]
   truth = [r["meta"]["answer"] for r in records]
   question = records[0]["conversations"][0]["value"][len("<image>\n"):]
   side = int(args.pixels ** 0.5)

@@ -135,11 +135,6 @@ def test_blocked_grouped_matmul_equals_ragged_dot(sizes):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
-def _layer(model, i):
-  graphdef, state = nnx.split(model.layers)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-
-
 def test_deepstack_changes_the_output(inputs, loaded):
   model = loaded("dense")
   x = _prepare(model, inputs)

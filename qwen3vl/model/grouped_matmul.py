@@ -17,15 +17,15 @@ def blocked_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Arra
   block = max(8, min(block, m))
   sizes = group_sizes.astype(jnp.int32)
   padded = (sizes + block - 1) // block * block
-  start = jnp.cumsum(sizes) - sizes  # first row of each group in lhs
-  padded_start = jnp.cumsum(padded) - padded
+  end, padded_end = jnp.cumsum(sizes), jnp.cumsum(padded)
   num_blocks = (m + g * (block - 1)) // block  # static bound: sum(ceil(s / block)) <= (sum(s) + g(block - 1)) / block
   row = jnp.arange(m)
-  group = jnp.clip(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), 0, g - 1)
-  valid = row < sizes.sum()
-  slot = jnp.where(valid, padded_start[group] + row - start[group], num_blocks * block)  # out of range: dropped
+  group = jnp.clip(jnp.searchsorted(end, row, side="right"), 0, g - 1)
+  valid = row < end[-1]
+  # Row r of group e goes to its group's padded start plus its offset within the group; invalid rows are dropped.
+  slot = jnp.where(valid, (padded_end - padded)[group] + row - (end - sizes)[group], num_blocks * block)
   x = jnp.zeros((num_blocks * block, lhs.shape[1]), lhs.dtype).at[slot].set(lhs, mode="drop")
-  block_group = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right"), 0, g - 1)
+  block_group = jnp.clip(jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right"), 0, g - 1)
   y = jnp.einsum("bmk,bkn->bmn", x.reshape(num_blocks, block, -1), rhs[block_group])
   y = y.reshape(num_blocks * block, -1)
   return jnp.where(valid[:, None], y[jnp.minimum(slot, num_blocks * block - 1)], 0).astype(lhs.dtype)

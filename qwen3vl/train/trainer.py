@@ -125,8 +125,8 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
     loss = loss + extras["depth"]["predictor_loss"]
     metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
   em, samples = losses.exact_match(correct, mask, batch["segment_ids"])
-  metrics.update({"loss": loss, "correct": (correct * mask).sum(), "tokens": mask.sum(), "exact": em, "samples": samples,
-                  "seen_tokens": (batch["segment_ids"] > 0).sum()})
+  metrics.update({"loss": loss, "correct": (correct * mask).sum(), "tokens": mask.sum(), "exact": em,
+                  "samples": samples, "seen_tokens": (batch["segment_ids"] > 0).sum()})
   return loss, metrics
 
 
