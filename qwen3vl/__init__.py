@@ -3,9 +3,21 @@
     import qwen3vl
     model = qwen3vl.hf.load_pretrained("path/to/Qwen3-VL-2B-Instruct")
     logits = model(input_ids, pixel_values=..., image_grid_thw=...)
-"""
-from qwen3vl import hf
-from qwen3vl.config import ModelConfig, TextConfig, VisionConfig
-from qwen3vl.model.vlm import Qwen3VL, count_params, init_model
 
-__all__ = ["hf", "ModelConfig", "TextConfig", "VisionConfig", "Qwen3VL", "count_params", "init_model"]
+The names below load on first use, so importing a light submodule (`qwen3vl.host_malloc`, which train.py and
+infer.py call before anything else) does not pull in JAX and the model.
+"""
+import importlib
+
+_LAZY = {"hf": "qwen3vl.hf", "ModelConfig": "qwen3vl.config", "TextConfig": "qwen3vl.config",
+         "VisionConfig": "qwen3vl.config", "Qwen3VL": "qwen3vl.model.vlm", "count_params": "qwen3vl.model.vlm",
+         "init_model": "qwen3vl.model.vlm"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'qwen3vl' has no attribute {name!r}")
+  module = importlib.import_module(_LAZY[name])
+  return module if name == "hf" else getattr(module, name)
