@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import jax
 
-# moe_impl: XLA:CPU runs ragged_dot as every expert on every row, so CPU gets the blocked grouped matmul
-# (model/grouped_matmul.py); accelerators lower ragged_dot to a real grouped matmul.
+# moe_impl: XLA:CPU runs ragged_dot as every expert on every row, so CPU gets the blocked experts
+# (model/experts.py); accelerators lower ragged_dot to a real grouped matmul.
 OVERLAYS = {
     "cpu": {"model.dtype": "float32", "model.attention_impl": "xla", "model.moe_impl": "blocked",
             "model.remat": "none", "model.vision_remat": "none"},

@@ -1,6 +1,5 @@
 """Model parity with HF transformers (golden fixtures; live when torch is importable) and model invariants."""
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -115,24 +114,42 @@ def test_ragged_and_blocked_moe_equal_dense_moe():
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [(0, 13, 1, 0, 30, 2), (46, 0, 0, 0, 0, 0), (3, 5, 0, 7, 0, 11),
-                                   (1, 1, 1, 1, 1, 41)])  # the last fills every static block
-def test_blocked_grouped_matmul_equals_ragged_dot(sizes):
-  """Groups of several blocks, empty groups, and rows past the last group (zeros, as ragged_dot gives)."""
-  from qwen3vl.model.grouped_matmul import blocked_grouped_matmul
-  lhs = jax.random.normal(jax.random.key(1), (46, 24))
-  rhs = jax.random.normal(jax.random.key(2), (len(sizes), 24, 10))
-  sizes = jnp.asarray(sizes, jnp.int32)
-  w = jax.random.normal(jax.random.key(3), (46, 10))
+@pytest.mark.parametrize("block", [1, 8])
+@pytest.mark.parametrize("ids", [
+    [[4, 1], [1, 4], [4, 4], [1, 1], [4, 1], [9, -1], [1, 4]] * 3,  # two groups of several blocks; other devices' ids
+    [[0, 5]] * 21,  # a group that fills every block but one
+    [[j % 6, (j + 1) % 6] for j in range(21)],  # groups of 7, empty 6th group
+])
+def test_expert_layout_and_blocked_experts_equal_a_per_copy_reference(ids, block):
+  """Token copies through the expert layout and the experts' MLP (block 1: ragged_dot on the sorted layout; 8:
+  the blocked scan) against the per-copy swiglu(x[t] @ gate_up[e]) @ down[e], values and gradients, with ids of
+  other devices' experts (no row), empty experts and partly filled blocks."""
+  from qwen3vl.model.experts import blocked_experts, expert_layout, from_layout, swiglu, to_layout
+  ids = jnp.asarray(ids, jnp.int32)
+  x = jax.random.normal(jax.random.key(1), (ids.shape[0], 24))
+  gate_up = jax.random.normal(jax.random.key(2), (6, 24, 20)) / 4
+  down = jax.random.normal(jax.random.key(3), (6, 10, 24)) / 3
+  w = jax.random.normal(jax.random.key(4), (*ids.shape, 24))
+  mine = (ids >= 0) & (ids < 6)
+  layout = expert_layout(ids, 6, block)
+  assert int(layout.group_sizes.sum()) == int(mine.sum())
 
-  def loss(fn, lhs, rhs):
-    y = fn(lhs, rhs, sizes)
-    return jnp.sum(jnp.sin(y) * w), y
-  ours = jax.value_and_grad(functools.partial(loss, functools.partial(blocked_grouped_matmul, block=8)),
-                            (0, 1), has_aux=True)(lhs, rhs)
-  ref = jax.value_and_grad(functools.partial(loss, jax.lax.ragged_dot), (0, 1), has_aux=True)(lhs, rhs)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+  def ours(x, gate_up, down):
+    rows = to_layout(x, layout)
+    if block == 1:
+      y = jax.lax.ragged_dot(swiglu(jax.lax.ragged_dot(rows, gate_up, layout.group_sizes)), down, layout.group_sizes)
+    else:
+      y = blocked_experts(rows, gate_up, down, layout)
+    return jnp.sum(jnp.sin(from_layout(y, layout)) * w)
+
+  def reference(x, gate_up, down):
+    e = jnp.clip(ids, 0, 5)
+    y = jnp.einsum("tki,tkih->tkh", swiglu(jnp.einsum("tc,tkci->tki", x, gate_up[e])), down[e])
+    return jnp.sum(jnp.where(mine[..., None], jnp.sin(y), 0) * w)
+  for a, b in zip(jax.value_and_grad(ours, (0, 1, 2))(x, gate_up, down),
+                  jax.value_and_grad(reference, (0, 1, 2))(x, gate_up, down)):
+    for a, b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 def test_deepstack_changes_the_output(inputs, loaded):

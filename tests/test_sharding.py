@@ -132,19 +132,21 @@ from qwen3vl.model.moe import MoE
 cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict())
 x = jax.random.normal(jax.random.key(1), (8, 12, cfg.text.hidden_size))
 graph = lambda impl: nnx.split(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(0)))
-(dense, state), (ragged, _) = graph("dense"), graph("ragged")
+(dense, state), (ragged, _), (blocked, _) = graph("dense"), graph("ragged"), graph("blocked")
 params = nnx.to_pure_dict(state)
 def loss(graphdef, params, x):
   y, _ = nnx.merge(graphdef, params)(x)
   return (y * jnp.sin(jnp.arange(y.size).reshape(y.shape))).sum()
 grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), static_argnums=0)
 ref = grad(dense, params, x)
-for sizes in ({"data": 8}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"expert": 8}, {"data": 2, "expert": 4}):
+for sizes, graphdef in (({"data": 8}, ragged), ({"fsdp": 2, "expert": 2, "tensor": 2}, ragged),
+                        ({"expert": 8}, ragged), ({"data": 2, "expert": 4}, ragged),
+                        ({"data": 2, "expert": 4}, blocked)):  # the CPU path, under the same shard_map
   mesh = sharding.make_mesh(sizes)
   with jax.set_mesh(mesh):
     placed = jax.device_put(params, sharding.param_shardings(state, mesh))
-    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=0)(ragged, placed, x))
-    out = grad(ragged, placed, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=0)(graphdef, placed, x))
+    out = grad(graphdef, placed, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
   np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(out[1])):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -154,11 +156,12 @@ for sizes in ({"data": 8}, {"fsdp": 2, "expert": 2, "tensor": 2}, {"expert": 8},
 
 def test_expert_parallel_moe_equals_the_dense_reference():
   """The ragged MoE's shard_map (local routing, experts split over `expert`, all-gather + reduce-scatter of the
-  expert group's tokens) gives the dense reference's value and gradients on four meshes of 8 devices."""
+  expert group's tokens) gives the dense reference's value and gradients on four meshes of 8 devices, and the
+  blocked (CPU) experts under the same shard_map on one."""
   run = subprocess.run([sys.executable, "-c", MOE_ON_MESHES], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert run.stdout.count("ok") == 4
+  assert run.stdout.count("ok") == 5
 
 
 GENERATE_ON_A_MESH = """

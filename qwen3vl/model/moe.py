@@ -1,9 +1,9 @@
 """Qwen3-VL-MoE sparse block: softmax router, top-k, renormalised weights, no shared expert.
 
 Three paths, one numeric definition: "ragged" (dropless: the token copies are sorted by expert and the experts
-run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the same sorted copies through
-`grouped_matmul.blocked_grouped_matmul`, padded blocks and one batched matmul: for XLA:CPU, whose ragged_dot
-runs every expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
+run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the copies padded to 128-row blocks
+per expert, `experts.blocked_experts` a scan over the used blocks: for XLA:CPU, whose ragged_dot runs every
+expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
 matrix; the reference the tests compare against). Expert weights use the
 released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
 
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
-from qwen3vl.model.grouped_matmul import blocked_grouped_matmul
+from qwen3vl.model.experts import blocked_experts, expert_layout, from_layout, swiglu, to_layout
 from qwen3vl.model.layers import param
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import BATCH
@@ -33,6 +33,7 @@ from qwen3vl.sharding import BATCH
 # The grouped matmul of the ragged path (a module attribute so the memory report can swap in a stand-in of the
 # same shapes: XLA:CPU expands ragged_dot to every expert, GPU and TPU lower it to a grouped matmul).
 grouped_matmul = jax.lax.ragged_dot
+BLOCK = 128  # rows per block of the blocked path: smaller blocks waste fewer rows but run slower on XLA:CPU
 
 
 class MoE(nnx.Module):
@@ -61,10 +62,6 @@ class MoE(nnx.Module):
     y = self._dense(x, weights, experts) if self.impl == "dense" else self._ragged(x, weights, experts)
     return y.reshape(shape), logits
 
-  def _expert_mlp(self, h: jax.Array) -> jax.Array:
-    gate, up = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(gate) * up
-
   def _ragged(self, x, weights, experts):
     gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
     mesh = jax.sharding.get_abstract_mesh()
@@ -89,27 +86,22 @@ class MoE(nnx.Module):
                          out_specs=tokens)(x, weights, experts, gate_up, down)
 
   def _routed(self, x, weights, experts, gate_up, down, first):
-    """Token copies routed to experts first..first+len(gate_up)-1 (sorted by expert, `grouped_matmul`); copies
-    for other experts sort last, outside every group, and add nothing."""
-    t, k = experts.shape
-    flat = experts.reshape(-1) - first
-    mine = (flat >= 0) & (flat < gate_up.shape[0])
-    flat = jnp.where(mine, flat, gate_up.shape[0])
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(flat, length=gate_up.shape[0]).astype(jnp.int32)
-    gmm = blocked_grouped_matmul if self.impl == "blocked" else grouped_matmul
-    h = checkpoint_tag(gmm(x[token], gate_up, group_sizes), "moe_gate_up")
-    out = checkpoint_tag(gmm(self._expert_mlp(h), down, group_sizes), "moe_down")
-    scale = jnp.where(mine, weights.reshape(-1), 0)[order]
-    out = jnp.where(mine[order][:, None], out, 0) * scale[:, None]  # rows past the groups are not defined
-    return jnp.zeros_like(x).at[token].add(out)
+    """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies
+    for other experts get no row and add nothing."""
+    if self.impl == "blocked":
+      layout = expert_layout(experts - first, gate_up.shape[0], max(8, min(BLOCK, experts.size)))  # decode: small
+      out = checkpoint_tag(blocked_experts(to_layout(x, layout), gate_up, down, layout), "moe_down")
+    else:
+      layout = expert_layout(experts - first, gate_up.shape[0])
+      h = checkpoint_tag(grouped_matmul(to_layout(x, layout), gate_up, layout.group_sizes), "moe_gate_up")
+      out = checkpoint_tag(grouped_matmul(swiglu(h), down, layout.group_sizes), "moe_down")
+    return jnp.einsum("tkh,tk->th", from_layout(out, layout), weights)
 
   def _dense(self, x, weights, experts):
     num_experts = self.gate_up.shape[0]
     scatter = jnp.zeros((x.shape[0], num_experts), self.dtype)
     scatter = scatter.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)
     h = checkpoint_tag(jnp.einsum("th,ehi->eti", x, self.gate_up[...].astype(self.dtype)), "moe_gate_up")
-    y = jnp.einsum("eti,eih->eth", self._expert_mlp(h), self.down[...].astype(self.dtype))
+    y = jnp.einsum("eti,eih->eth", swiglu(h), self.down[...].astype(self.dtype))
     y = checkpoint_tag(y, "moe_down")
     return jnp.einsum("eth,te->th", y, scatter)
