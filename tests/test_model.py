@@ -139,7 +139,7 @@ def test_expert_layout_and_blocked_experts_equal_a_per_copy_reference(ids, block
     if block == 1:
       y = jax.lax.ragged_dot(swiglu(jax.lax.ragged_dot(rows, gate_up, layout.group_sizes)), down, layout.group_sizes)
     else:
-      y = blocked_experts(rows, gate_up, down, layout)
+      y = blocked_experts(rows, gate_up, down, layout, block)
     return jnp.sum(jnp.sin(from_layout(y, layout)) * w)
 
   def reference(x, gate_up, down):

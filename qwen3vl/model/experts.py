@@ -5,15 +5,16 @@ each padded to whole blocks of `block` rows (zero rows pad the last block; block
 that `jax.lax.ragged_dot` takes). Rows move in and out of the layout by gathers both ways (`gather_rows`: its
 VJP is the gather by the inverse map, not a scatter-add, which XLA:CPU runs row by row).
 
-`blocked_experts` (`ModelConfig.moe_impl="blocked"`, the CPU default) runs each block through its expert's whole
-MLP in one scan over blocks that skips the blocks past the used ones (`lax.cond`): the work is the routed rows
-plus under one block per expert, where XLA:CPU's ragged_dot runs every expert over every row (G x the work), and
-a block's intermediates stay in cache. The VJP is one more scan: input gradients per block, the expert's weight
-gradients accumulated in place. Fused, it has no `moe_gate_up` tag for remat policies (the CPU overlay's remat
+`blocked_experts` (`ModelConfig.moe_impl="blocked"`, the CPU default) runs each used block through its expert's
+whole MLP (a scan over experts around a loop over that expert's blocks): the work is the routed rows plus under
+one block per expert, where XLA:CPU's ragged_dot runs every expert over every row (G x the work), and a block's
+intermediates stay in cache. The VJP loops alike: input gradients per block, each expert's weight gradients
+summed in a loop carry (not written per block). Fused, it has no `moe_gate_up` tag for remat policies (the CPU overlay's remat
 is `none`); only its output is tagged `moe_down`.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -21,15 +22,11 @@ import jax.numpy as jnp
 
 
 class ExpertLayout(NamedTuple):
-  row: jax.Array           # [T, k] the layout row of each token copy; num_rows where the expert is not here
-  copy: jax.Array          # [num_rows] the copy (t * k + j) in each row; T * k in padding rows
-  group_sizes: jax.Array   # [G] copies per expert
-  block_expert: jax.Array  # [num_rows // block] the expert of each block
-  used_blocks: jax.Array   # [] blocks that hold copies; the rest are skipped
-
-  @property
-  def block(self) -> int:
-    return self.copy.shape[0] // self.block_expert.shape[0]
+  row: jax.Array          # [T, k] the layout row of each token copy; num_rows where the expert is not here
+  copy: jax.Array         # [num_rows] the copy (t * k + j) in each row; T * k in padding rows
+  group_sizes: jax.Array  # [G] copies per expert
+  first_block: jax.Array  # [G] each expert's first block (of `block` rows)
+  num_blocks: jax.Array   # [G] each expert's blocks
 
 
 def expert_layout(expert_ids: jax.Array, num_experts: int, block: int = 1) -> ExpertLayout:
@@ -39,18 +36,16 @@ def expert_layout(expert_ids: jax.Array, num_experts: int, block: int = 1) -> Ex
   flat = expert_ids.reshape(-1)
   flat = jnp.where((flat >= 0) & (flat < g), flat, g)  # other experts sort last, outside every group
   sizes = jnp.bincount(flat, length=g).astype(jnp.int32)
-  padded = (sizes + block - 1) // block * block
-  end, padded_end = jnp.cumsum(sizes), jnp.cumsum(padded)
-  num_blocks = (copies + g * (block - 1)) // block  # static bound: sum(ceil(s / block)) <= (sum(s) + g(block - 1)) / block
+  blocks = (sizes + block - 1) // block
+  first_block = jnp.cumsum(blocks) - blocks
+  num_rows = (copies + g * (block - 1)) // block * block  # static bound: sum(ceil(s / b)) <= (sum(s) + g(b - 1)) / b
   order = jnp.argsort(flat, stable=True)  # sorted position -> copy
   expert = jnp.minimum(flat[order], g - 1)
-  sorted_row = jnp.where(flat[order] < g, (padded_end - padded)[expert] + jnp.arange(copies) - (end - sizes)[expert],
-                         num_blocks * block)
+  sorted_row = jnp.where(flat[order] < g, first_block[expert] * block + jnp.arange(copies) - (jnp.cumsum(sizes) - sizes)[expert],
+                         num_rows)
   row = jnp.zeros(copies, jnp.int32).at[order].set(sorted_row.astype(jnp.int32))
-  copy = jnp.full(num_blocks * block, copies, jnp.int32).at[row].set(jnp.arange(copies, dtype=jnp.int32), mode="drop")
-  block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-  return ExpertLayout(row.reshape(t, k), copy, sizes, jnp.minimum(block_expert, g - 1).astype(jnp.int32),
-                      padded_end[-1] // block)
+  copy = jnp.full(num_rows, copies, jnp.int32).at[row].set(jnp.arange(copies, dtype=jnp.int32), mode="drop")
+  return ExpertLayout(row.reshape(t, k), copy, sizes, first_block.astype(jnp.int32), blocks.astype(jnp.int32))
 
 
 @jax.custom_vjp
@@ -88,59 +83,61 @@ def swiglu(h: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
 
 
-def blocked_experts(x: jax.Array, gate_up: jax.Array, down: jax.Array, layout: ExpertLayout) -> jax.Array:
-  """x [num_rows, H] in `layout` -> [num_rows, H]: each block through its expert's MLP, swiglu(x @ gate_up[e])
-  @ down[e]; the blocks past `used_blocks` come out as zeros."""
-  # Under shard_map, give the operands one set of varying mesh axes (adding a zero of them all), so the cond
-  # branches and scan carries inside type-check; the casts' transposes sum the weight gradients over those axes.
-  zero = sum(jnp.zeros_like(a, jnp.float32, shape=()) for a in (x, gate_up, down, layout.used_blocks))
+def blocked_experts(x: jax.Array, gate_up: jax.Array, down: jax.Array, layout: ExpertLayout, block: int) -> jax.Array:
+  """x [num_rows, H] in `layout` (made with `block`) -> [num_rows, H]: each of an expert's blocks through its
+  MLP, swiglu(x @ gate_up[e]) @ down[e]; rows past the used blocks come out as zeros."""
+  # Under shard_map, give the operands one set of varying mesh axes (adding a zero of them all), so the loop
+  # carries inside type-check; the casts' transposes sum the weight gradients over those axes.
+  zero = sum(jnp.zeros_like(a, jnp.float32, shape=()) for a in (x, gate_up, down, layout.group_sizes))
   cast = lambda a: a + zero.astype(a.dtype)
-  return _blocked_experts(cast(x), cast(gate_up), cast(down), layout)
+  return _blocked_experts(cast(x), cast(gate_up), cast(down), layout, block)
 
 
-@jax.custom_vjp
-def _blocked_experts(x, gate_up, down, layout):
-  return _blocked_experts_fwd(x, gate_up, down, layout)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_experts(x, gate_up, down, layout, block):
+  return _blocked_experts_fwd(x, gate_up, down, layout, block)[0]
 
 
-def _blocks(x, layout):
-  return x.reshape(layout.block_expert.shape[0], layout.block, x.shape[-1])
+def _block_access(block):
+  """(rows(a, b): block b of a, put(a, v, b): a with block b set to v, in place inside a loop)."""
+  return (lambda a, b: jax.lax.dynamic_slice_in_dim(a, b * block, block),
+          lambda a, v, b: jax.lax.dynamic_update_slice_in_dim(a, v, b * block, 0))
 
 
-def _blocked_experts_fwd(x, gate_up, down, layout):
-  def one(_, a):
-    xb, e, b = a
+def _blocked_experts_fwd(x, gate_up, down, layout, block):
+  rows, put = _block_access(block)
 
-    def used():
-      h = xb @ gate_up[e]
-      return h, swiglu(h) @ down[e]
-    skipped = lambda: (jnp.zeros_like(xb, shape=(xb.shape[0], gate_up.shape[-1])), jnp.zeros_like(xb))
-    return None, jax.lax.cond(b < layout.used_blocks, used, skipped)
-  blocks = jnp.arange(layout.block_expert.shape[0])
-  h, y = jax.lax.scan(one, None, (_blocks(x, layout), layout.block_expert, blocks))[1]
-  return y.reshape(x.shape), (x, h, gate_up, down, layout)  # h [blocks, block, 2I] kept for the backward
+  def expert(carry, e):  # a scan over experts around a loop over the expert's blocks
+    def one(b, carry):
+      h_all, y_all = carry
+      h = rows(x, b) @ gate_up[e]
+      return put(h_all, h, b), put(y_all, swiglu(h) @ down[e], b)
+    first = layout.first_block[e]
+    return jax.lax.fori_loop(first, first + layout.num_blocks[e], one, carry), None
+  zeros = (jnp.zeros_like(x, shape=(x.shape[0], gate_up.shape[-1])), jnp.zeros_like(x))
+  (h, y), _ = jax.lax.scan(expert, zeros, jnp.arange(gate_up.shape[0]))
+  return y, (x, h, gate_up, down, layout)  # h [num_rows, 2I] kept for the backward
 
 
-def _blocked_experts_bwd(res, dy):
+def _blocked_experts_bwd(block, res, dy):
   x, h, gate_up, down, layout = res
+  rows, put = _block_access(block)
   dot32 = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
-  def one(d_weights, a):
-    xb, hb, dyb, e, b = a
-
-    def used(d_weights):
-      d_gate_up, d_down = d_weights
-      act, act_vjp = jax.vjp(swiglu, hb)
-      d_down = jax.lax.dynamic_update_index_in_dim(d_down, d_down[e] + dot32(act.T, dyb), e, 0)  # in place
-      dh, = act_vjp(dyb @ down[e].T)
-      d_gate_up = jax.lax.dynamic_update_index_in_dim(d_gate_up, d_gate_up[e] + dot32(xb.T, dh), e, 0)
-      return (d_gate_up, d_down), dh @ gate_up[e].T
-    return jax.lax.cond(b < layout.used_blocks, used, lambda d: (d, jnp.zeros_like(xb)), d_weights)
-  blocks = jnp.arange(layout.block_expert.shape[0])
-  zeros = (jnp.zeros_like(gate_up, jnp.float32), jnp.zeros_like(down, jnp.float32))  # float32 sums over blocks
-  (d_gate_up, d_down), dx = jax.lax.scan(one, zeros, (_blocks(x, layout), h, _blocks(dy, layout),
-                                                      layout.block_expert, blocks))
-  return dx.reshape(x.shape), d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype), None
+  def expert(dx, e):
+    def one(b, carry):
+      dx, d_gate_up, d_down = carry  # the expert's weight gradients, summed in float32 over its blocks
+      act, act_vjp = jax.vjp(swiglu, rows(h, b))
+      d_down = d_down + dot32(act.T, rows(dy, b))
+      dh, = act_vjp(rows(dy, b) @ down[e].T)
+      d_gate_up = d_gate_up + dot32(rows(x, b).T, dh)
+      return put(dx, dh @ gate_up[e].T, b), d_gate_up, d_down
+    zeros = (jnp.zeros_like(gate_up[e], jnp.float32), jnp.zeros_like(down[e], jnp.float32))
+    first = layout.first_block[e]
+    dx, d_gate_up, d_down = jax.lax.fori_loop(first, first + layout.num_blocks[e], one, (dx, *zeros))
+    return dx, (d_gate_up.astype(gate_up.dtype), d_down.astype(down.dtype))
+  dx, (d_gate_up, d_down) = jax.lax.scan(expert, jnp.zeros_like(x), jnp.arange(gate_up.shape[0]))
+  return dx, d_gate_up, d_down, None
 
 
 _blocked_experts.defvjp(_blocked_experts_fwd, _blocked_experts_bwd)

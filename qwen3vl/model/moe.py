@@ -89,8 +89,9 @@ class MoE(nnx.Module):
     """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies
     for other experts get no row and add nothing."""
     if self.impl == "blocked":
-      layout = expert_layout(experts - first, gate_up.shape[0], max(8, min(BLOCK, experts.size)))  # decode: small
-      out = checkpoint_tag(blocked_experts(to_layout(x, layout), gate_up, down, layout), "moe_down")
+      block = max(8, min(BLOCK, experts.size))  # decode: small blocks
+      layout = expert_layout(experts - first, gate_up.shape[0], block)
+      out = checkpoint_tag(blocked_experts(to_layout(x, layout), gate_up, down, layout, block), "moe_down")
     else:
       layout = expert_layout(experts - first, gate_up.shape[0])
       h = checkpoint_tag(grouped_matmul(to_layout(x, layout), gate_up, layout.group_sizes), "moe_gate_up")
