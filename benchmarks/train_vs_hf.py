@@ -6,10 +6,12 @@ Ours: `qwen3vl.train.trainer.train_step` (one jitted pure function, donated stat
 HF: `AutoModelForImageTextToText` in train mode with its default attention (sdpa), loss from `labels`,
 backward, `clip_grad_norm_` and `torch.optim.AdamW`: the loop a HF user writes. Both see the same random
 checkpoint (saved by HF, loaded by `qwen3vl.hf.load_pretrained`) and the same batch: B rows of L tokens, one
-224x224 image (49 tokens) per row. The steps are timed interleaved (HF, ours, HF, ours, ...) after a warm-up, so
-machine noise hits both alike; the ratio of medians is the figure. The first-step losses are printed side by
-side as a check that both compute the same thing. The process runs under `qwen3vl.host_malloc`'s glibc settings
-(as train.py does), which serve both frameworks' allocations.
+224x224 image (49 tokens) per row. Ours runs in a worker process (as a user runs one framework per process:
+sharing one, each framework's step ran 8-10% slower after the other's), HF in this one; the steps are timed
+interleaved (HF, ours, HF, ours, ...) after a warm-up, so machine noise hits both alike; the ratio of medians is
+the figure. The first-step losses are printed side by
+side as a check that both compute the same thing. Both processes run under `qwen3vl.host_malloc`'s glibc
+settings (as train.py does).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VOCAB, IMAGE, VIDEO, VSTART, VEND = 16384, 16000, 16001, 16002, 16003
+LR = 1e-4
 
 
 def hf_config(kind: str) -> dict:
@@ -120,6 +123,22 @@ def our_step(path: str, samples, lr: float, moe_impl: str = "blocked", scan_laye
   return step, train_state
 
 
+def worker(args):
+  """Our side, in its own process: builds the step on the checkpoint at args.worker, then runs one step per
+  line read from stdin and answers with its wall time and loss (JSON), until stdin closes."""
+  import json
+
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+  step, state = our_step(args.worker, make_samples(args.batch, args.length), LR, args.moe_impl,
+                         bool(args.scan_layers))
+  print(json.dumps({"device": f"jax {jax.__version__} ({jax.devices()[0].device_kind})"}), flush=True)
+  for _ in sys.stdin:
+    t0 = time.perf_counter()
+    state, loss = step(state)
+    print(json.dumps({"s": time.perf_counter() - t0, "loss": loss}), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", choices=["dense", "moe"], default="dense")
@@ -129,24 +148,36 @@ def main():
   parser.add_argument("--moe_impl", default="blocked", help="ours: blocked (the CPU overlay's), ragged or dense")
   parser.add_argument("--scan_layers", type=int, default=1, help="ours: 1 = layers in a scan (the default), 0 = "
                       "unrolled (faster on XLA:CPU at 8 layers: no stacked residual buffers to fill)")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run our side on this checkpoint
   args = parser.parse_args()
+  if args.worker:
+    return worker(args)
 
-  import jax
+  import json
+  import subprocess
+
   import torch
   from transformers import AutoConfig, AutoModelForImageTextToText
-  jax.config.update("jax_default_matmul_precision", "highest")
   torch.manual_seed(0)
   d = hf_config(args.model)
   hf_model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(d.pop("model_type"), **d)).float()
   hf_model.train()
   n_params = sum(p.numel() for p in hf_model.parameters())
   samples = make_samples(args.batch, args.length)
-  lr = 1e-4
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
-    ours, state = our_step(tmp, samples, lr, args.moe_impl, bool(args.scan_layers))
+    flags = [f"--{k}={getattr(args, k)}" for k in ("model", "batch", "length", "moe_impl", "scan_layers")]
+    ours = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={tmp}", *flags],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def our_step_s():
+      ours.stdin.write("step\n")
+      ours.stdin.flush()
+      reply = json.loads(ours.stdout.readline())
+      return reply["s"], reply["loss"]
+    device = json.loads(ours.stdout.readline())["device"]  # the worker has loaded the checkpoint
   batch = hf_batch(samples)
-  opt = torch.optim.AdamW(hf_model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  opt = torch.optim.AdamW(hf_model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
   def hf_step():
     out = hf_model(**batch, output_router_logits=args.model == "moe")
@@ -158,11 +189,9 @@ def main():
 
   print(f"{args.model} model (ours: moe_impl={args.moe_impl}, scan_layers={bool(args.scan_layers)}), "
         f"{n_params / 1e6:.1f}M parameters; batch {args.batch} x {args.length} tokens, one "
-        f"224x224 image per row; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)", flush=True)
-  t0 = time.perf_counter()
-  state, our_loss = ours(state)
-  compile_s = time.perf_counter() - t0
+        f"224x224 image per row; {device}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        flush=True)
+  compile_s, our_loss = our_step_s()
   hf_loss = hf_step()
   print(f"first-step loss: ours {our_loss:.6f}, HF {hf_loss:.6f}; our compile + first step {compile_s:.1f} s",
         flush=True)
@@ -171,10 +200,10 @@ def main():
     t0 = time.perf_counter()
     hf_step()
     times["hf"].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    state, _ = ours(state)
-    times["ours"].append(time.perf_counter() - t0)
+    times["ours"].append(our_step_s()[0])
     print(f"round {r}: HF {times['hf'][-1]:.3f} s, ours {times['ours'][-1]:.3f} s", flush=True)
+  ours.stdin.close()
+  ours.wait()
   hf_s, our_s = np.median(times["hf"]), np.median(times["ours"])
   tokens = args.batch * args.length
   print(f"\n| step | HF transformers | ours | ratio |\n|---|---|---|---|\n"
@@ -184,5 +213,5 @@ def main():
 
 if __name__ == "__main__":
   from qwen3vl.host_malloc import reexec_with_tuned_malloc
-  reexec_with_tuned_malloc()  # the same glibc settings for both frameworks in this one process
+  reexec_with_tuned_malloc()  # the same glibc settings for both frameworks (the worker inherits them)
   main()

@@ -77,6 +77,14 @@ def from_layout(y: jax.Array, layout: ExpertLayout) -> jax.Array:
   return gather_rows(y, layout.row.reshape(-1), layout.copy[:, None]).reshape(t, k, -1)
 
 
+def block_rows(copies: int, num_experts: int, hidden: int, width: int) -> int:
+  """Rows per block for `blocked_experts`: 128, more when the expert matrices are small (each block's matmuls
+  should outweigh a loop step's overhead: 2^25 multiply-adds), never past the mean rows per expert (padding)."""
+  rows = max(128, 1 << max(0, (2**25 // (hidden * width)).bit_length() - 1))
+  mean = 1 << max(0, (-(-copies // num_experts) - 1).bit_length())  # the power of two at or above
+  return max(8, min(rows, mean))
+
+
 def swiglu(h: jax.Array) -> jax.Array:
   """The experts' activation on the fused projection [..., 2I] (gate first): silu(gate) * up."""
   gate, up = jnp.split(h, 2, axis=-1)

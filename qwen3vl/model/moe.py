@@ -1,8 +1,8 @@
 """Qwen3-VL-MoE sparse block: softmax router, top-k, renormalised weights, no shared expert.
 
 Three paths, one numeric definition: "ragged" (dropless: the token copies are sorted by expert and the experts
-run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the copies padded to 128-row blocks
-per expert, `experts.blocked_experts` a scan over the used blocks: for XLA:CPU, whose ragged_dot runs every
+run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the copies padded to blocks of 128 or
+more rows per expert, `experts.blocked_experts` a scan over the used blocks: for XLA:CPU, whose ragged_dot runs every
 expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
 matrix; the reference the tests compare against). Expert weights use the
 released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
-from qwen3vl.model.experts import blocked_experts, expert_layout, from_layout, swiglu, to_layout
+from qwen3vl.model.experts import block_rows, blocked_experts, expert_layout, from_layout, swiglu, to_layout
 from qwen3vl.model.layers import param
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import BATCH
@@ -33,7 +33,6 @@ from qwen3vl.sharding import BATCH
 # The grouped matmul of the ragged path (a module attribute so the memory report can swap in a stand-in of the
 # same shapes: XLA:CPU expands ragged_dot to every expert, GPU and TPU lower it to a grouped matmul).
 grouped_matmul = jax.lax.ragged_dot
-BLOCK = 128  # rows per block of the blocked path: smaller blocks waste fewer rows but run slower on XLA:CPU
 
 
 class MoE(nnx.Module):
@@ -89,7 +88,7 @@ class MoE(nnx.Module):
     """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies
     for other experts get no row and add nothing."""
     if self.impl == "blocked":
-      block = max(8, min(BLOCK, experts.size))  # decode: small blocks
+      block = block_rows(experts.size, gate_up.shape[0], *gate_up.shape[1:])
       layout = expert_layout(experts - first, gate_up.shape[0], block)
       out = checkpoint_tag(blocked_experts(to_layout(x, layout), gate_up, down, layout, block), "moe_down")
     else:
