@@ -9,8 +9,8 @@ VJP is the gather by the inverse map, not a scatter-add, which XLA:CPU runs row 
 whole MLP (a scan over experts around a loop over that expert's blocks): the work is the routed rows plus under
 one block per expert, where XLA:CPU's ragged_dot runs every expert over every row (G x the work), and a block's
 intermediates stay in cache. The VJP loops alike: input gradients per block, each expert's weight gradients
-summed in a loop carry (not written per block). Fused, it has no `moe_gate_up` tag for remat policies (the CPU overlay's remat
-is `none`); only its output is tagged `moe_down`.
+summed in a loop carry (not written per block). Fused, it has no `moe_gate_up` tag for remat policies (the CPU
+overlay's remat is `none`); only its output is tagged `moe_down`.
 """
 from __future__ import annotations
 
