@@ -8,8 +8,8 @@ backward, `clip_grad_norm_` and `torch.optim.AdamW`: the loop a HF user writes. 
 checkpoint (saved by HF, loaded by `qwen3vl.hf.load_pretrained`) and the same batch: B rows of L tokens, one
 224x224 image (49 tokens) per row. Ours runs in a worker process (as a user runs one framework per process:
 sharing one, each framework's step ran 8-10% slower after the other's), HF in this one; the steps are timed
-interleaved (HF, ours, HF, ours, ...) after a warm-up, so machine noise hits both alike; the ratio of medians is
-the figure. The first-step losses are printed side by
+interleaved (HF, ours, HF, ours, ...) after a warm-up, so machine noise hits both alike, with a pause before
+each (`PAUSE_S`: the other side's spinning threads stop first); the ratio of medians is the figure. The first-step losses are printed side by
 side as a check that both compute the same thing. Both processes run under `qwen3vl.host_malloc`'s glibc
 settings (as train.py does).
 """
@@ -27,6 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VOCAB, IMAGE, VIDEO, VSTART, VEND = 16384, 16000, 16001, 16002, 16003
 LR = 1e-4
+# Idle time before each timed step: torch's OpenMP threads keep spinning on the cores after a step ends, and the
+# 2-core machine's next step (either framework's, in any process) would pay for it (MoE experts alone: ours
+# 156 ms right after torch, 109 ms with OMP_WAIT_POLICY=PASSIVE; torch's own 112 -> 102 ms).
+PAUSE_S = 0.5
 
 
 def hf_config(kind: str) -> dict:
@@ -197,9 +201,11 @@ def main():
         flush=True)
   times = {"hf": [], "ours": []}
   for r in range(args.rounds):
+    time.sleep(PAUSE_S)
     t0 = time.perf_counter()
     hf_step()
     times["hf"].append(time.perf_counter() - t0)
+    time.sleep(PAUSE_S)
     times["ours"].append(our_step_s()[0])
     print(f"round {r}: HF {times['hf'][-1]:.3f} s, ours {times['ours'][-1]:.3f} s", flush=True)
   ours.stdin.close()
