@@ -88,7 +88,7 @@ def hf_batch(samples):
           "image_grid_thw": torch.tensor(np.concatenate([s.image_grid_thw for s in samples]))}
 
 
-def our_step(path: str, samples, lr: float, moe_impl: str = "blocked", scan_layers: bool = True):
+def our_step(path: str, samples, lr: float, moe_impl: str = "blocked", scan_layers: bool = False):
   """(step(state) -> (state, loss), state): the trainer's jitted train step on the checkpoint at `path`."""
   import functools
 
@@ -150,8 +150,8 @@ def main():
   parser.add_argument("--length", type=int, default=512)
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--moe_impl", default="blocked", help="ours: blocked (the CPU overlay's), ragged or dense")
-  parser.add_argument("--scan_layers", type=int, default=1, help="ours: 1 = layers in a scan (the default), 0 = "
-                      "unrolled (faster on XLA:CPU at 8 layers: no stacked residual buffers to fill)")
+  parser.add_argument("--scan_layers", type=int, default=0, help="ours: 0 = layers unrolled (the CPU overlay's: "
+                      "no copies in and out of the scan's stacked buffers), 1 = in a scan (the GPU/TPU overlay's)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run our side on this checkpoint
   args = parser.parse_args()
   if args.worker:

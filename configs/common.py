@@ -22,7 +22,7 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model = models.get_config(preset)
   c.model.dtype = placeholder(str)  # compute dtype; overlay: float32 on CPU, bfloat16 on GPU/TPU
   c.model.param_dtype = "float32"  # master weights stay float32
-  c.model.scan_layers = True
+  c.model.scan_layers = placeholder(bool)  # layers in a scan; overlay: unrolled on CPU, scanned on GPU/TPU
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
   c.model.moe_impl = placeholder(str)  # ragged (grouped matmul), blocked (padded blocks) or dense; overlay: blocked on CPU
   c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
