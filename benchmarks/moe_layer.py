@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.train_vs_hf import PAUSE_S  # noqa: E402  (why the pause: there)
+from benchmarks.train_vs_hf import PAUSE_S, hf_config  # noqa: E402  (why the pause: there)
 
 
 def main():
@@ -35,7 +35,9 @@ def main():
 
   from qwen3vl.model.experts import block_rows, blocked_experts, expert_layout, from_layout, to_layout
   jax.config.update("jax_default_matmul_precision", "highest")
-  t, h, i, e, k = args.tokens, 512, 384, 8, 2
+  text = hf_config("moe")["text_config"]
+  t, h, i = args.tokens, text["hidden_size"], text["moe_intermediate_size"]
+  e, k = text["num_experts"], text["num_experts_per_tok"]
   rng = np.random.default_rng(0)
   x = rng.standard_normal((t, h), np.float32)
   gate_up = (rng.standard_normal((e, h, 2 * i)) * 0.02).astype(np.float32)

@@ -11,14 +11,13 @@ import jax
 # (model/experts.py); accelerators lower ragged_dot to a real grouped matmul. scan_layers: XLA:CPU copies each
 # layer's weights and residuals in and out of the scan's stacked buffers (MoE step vs HF 0.89-0.93x scanned, 1.01x
 # unrolled); accelerators keep the scan (compile time, one layer's program).
+_ACCELERATOR = {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full",
+                "model.vision_remat": "full", "model.scan_layers": True}  # attention: Pallas / Triton / cuDNN, then XLA
 OVERLAYS = {
     "cpu": {"model.dtype": "float32", "model.attention_impl": "xla", "model.moe_impl": "blocked",
             "model.remat": "none", "model.vision_remat": "none", "model.scan_layers": False},
-    # attention: Pallas / Triton / cuDNN, then XLA
-    "gpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full", "model.vision_remat": "full",
-            "model.scan_layers": True},
-    "tpu": {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full", "model.vision_remat": "full",
-            "model.scan_layers": True},
+    "gpu": _ACCELERATOR,
+    "tpu": _ACCELERATOR,
 }
 
 # Dense bf16 peak TFLOP/s per chip (vendor figures) for the MFU estimate.

@@ -40,9 +40,10 @@ def expert_layout(expert_ids: jax.Array, num_experts: int, block: int = 1) -> Ex
   first_block = jnp.cumsum(blocks) - blocks
   num_rows = (copies + g * (block - 1)) // block * block  # static bound: sum(ceil(s / b)) <= (sum(s) + g(b - 1)) / b
   order = jnp.argsort(flat, stable=True)  # sorted position -> copy
-  expert = jnp.minimum(flat[order], g - 1)
-  sorted_row = jnp.where(flat[order] < g, first_block[expert] * block + jnp.arange(copies) - (jnp.cumsum(sizes) - sizes)[expert],
-                         num_rows)
+  sorted_ids = flat[order]
+  expert = jnp.minimum(sorted_ids, g - 1)
+  offset = jnp.arange(copies) - (jnp.cumsum(sizes) - sizes)[expert]  # position within the expert's group
+  sorted_row = jnp.where(sorted_ids < g, first_block[expert] * block + offset, num_rows)
   row = jnp.zeros(copies, jnp.int32).at[order].set(sorted_row.astype(jnp.int32))
   copy = jnp.full(num_rows, copies, jnp.int32).at[row].set(jnp.arange(copies, dtype=jnp.int32), mode="drop")
   return ExpertLayout(row.reshape(t, k), copy, sizes, first_block.astype(jnp.int32), blocks.astype(jnp.int32))

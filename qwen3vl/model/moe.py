@@ -1,9 +1,9 @@
 """Qwen3-VL-MoE sparse block: softmax router, top-k, renormalised weights, no shared expert.
 
 Three paths, one numeric definition: "ragged" (dropless: the token copies are sorted by expert and the experts
-run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (the copies padded to blocks of 128 or
-more rows per expert, `experts.blocked_experts` a scan over the used blocks: for XLA:CPU, whose ragged_dot runs every
-expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
+run as `jax.lax.ragged_dot`, so compute follows the routed load), "blocked" (each expert's copies padded to whole blocks
+of `experts.block_rows` rows, `experts.blocked_experts` a loop over the used blocks: for XLA:CPU, whose ragged_dot
+runs every expert on every row) and "dense" (every expert on every token, weighted by a scattered weight
 matrix; the reference the tests compare against). Expert weights use the
 released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
 
