@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import target
+
 _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 MAX_HEAD_DIM = 128  # 256 on Hopper+, left to jax's own check (see _max_head_dim)
 
@@ -47,8 +49,8 @@ def cudnn_attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=N
     raise NotImplementedError("cudnn_attention has no block-sparse layout support")
   if interpret:
     raise NotImplementedError("cuDNN has no interpret mode")
-  if jax.default_backend() != "gpu":
-    raise NotImplementedError(f"cudnn_attention needs a GPU backend, not {jax.default_backend()}")
+  if target.target_platform() != "gpu":
+    raise NotImplementedError(f"cudnn_attention needs a GPU target, not {target.target_platform()}")
   if segment_ids is not None:
     raise NotImplementedError("jax.nn.dot_product_attention(implementation='cudnn') takes no segment ids")
   dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}

@@ -14,6 +14,14 @@ Each entry records the platform it is native to: ``None`` for portable code (XLA
   ``NotImplementedError`` elsewhere, so the ladder moves on;
 * forcing a name (``implementation="pallas_tpu"``) on another platform passes ``interpret=True``: the Pallas
   interpreter runs the same kernel, which is how CPU CI tests it; on its own platform it passes ``interpret=None``.
+
+"Platform" is the compile target (``kernels.target``: the devices of the ``jax.set_mesh`` mesh), not the host, so a
+TPU or GPU program built on a CPU machine gets the kernels it would get on the chips. Entries registered with
+``per_device=True`` (the custom kernels XLA cannot partition) run under ``kernels.partition.per_device``: inside a
+``shard_map`` over the mesh, each chip on its own share of the batch and heads.
+
+Imports run one way: this module and ``kernels.layouts`` sit below the implementations, which ``kernels/__init__``
+registers (the XLA references first, so they end the ladder).
 """
 from __future__ import annotations
 
@@ -23,28 +31,25 @@ from typing import Callable, Dict, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels.xla_attention import xla_attention
-from kernels.xla_block_sparse import xla_block_sparse_attention
+from kernels import partition, target
 
 logger = logging.getLogger(__name__)
 
 
 class Implementation(NamedTuple):
-  """A registry entry: ``fn`` and the platform it is native to (None: portable, never given ``interpret``)."""
+  """A registry entry: ``fn``, the platform it is native to (None: portable, never given ``interpret``), and
+  whether it must run per device under a mesh (a custom kernel the compiler cannot partition)."""
   fn: Callable
   platform: Optional[str] = None
+  per_device: bool = False
 
 
 # op -> {name -> Implementation}, each tried in insertion order. Ops and the keywords their implementations take:
 #   attention:              causal, segment_ids, sliding_window, scale
 #   block_sparse_attention: causal, segment_ids, sliding_window, scale, block_layout, block_size
 # (+ interpret for entries with a platform). segment_ids is always None or a (q_ids, kv_ids) pair.
-_REGISTRIES: Dict[str, Dict[str, Implementation]] = {
-    "attention": {"xla": Implementation(xla_attention)},
-    "block_sparse_attention": {"xla": Implementation(xla_block_sparse_attention)},
-}
+_REGISTRIES: Dict[str, Dict[str, Implementation]] = {"attention": {}, "block_sparse_attention": {}}
 _LOGGED = set()
-_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
 def _registry(op: str) -> Dict[str, Implementation]:
@@ -54,21 +59,22 @@ def _registry(op: str) -> Dict[str, Implementation]:
 
 
 def register_implementation(name: str, fn: Callable, *, before: Optional[str] = "xla", op: str = "attention",
-                            platform: Optional[str] = None) -> None:
+                            platform: Optional[str] = None, per_device: bool = False) -> None:
   """Add (or replace) an implementation of ``op``, placed before ``before`` (default: ahead of the XLA reference).
 
   ``before=None`` appends at the end. ``fn`` takes the normalised arguments of the op (``segment_ids`` is None or a
   (q_ids, kv_ids) pair) and raises ``NotImplementedError`` to pass to the next implementation. ``platform``
   ("gpu", "tpu") marks a Pallas kernel native to that platform: it is then also called with ``interpret`` (see the
-  module docstring). The same function may be registered under several ops.
+  module docstring). ``per_device=True`` runs it inside a ``shard_map`` under a mesh (``kernels.partition``).
+  The same function may be registered under several ops.
   """
   registry = _registry(op)
   if platform is not None:
-    platform = _PLATFORM_ALIASES.get(platform, platform)
+    platform = target.ALIASES.get(platform, platform)
   items = [(n, e) for n, e in registry.items() if n != name]
   names = [n for n, _ in items]
   at = names.index(before) if before in names else len(items)
-  items.insert(at, (name, Implementation(fn, platform)))
+  items.insert(at, (name, Implementation(fn, platform, per_device)))
   registry.clear()
   registry.update(items)
 
@@ -78,13 +84,10 @@ def implementations(op: str = "attention") -> tuple:
   return tuple(_registry(op))
 
 
-def current_platform() -> str:
-  """jax.default_backend() with CUDA / ROCm folded into "gpu"."""
-  backend = jax.default_backend()
-  return _PLATFORM_ALIASES.get(backend, backend)
+current_platform = target.target_platform  # the pre-target name
 
 
-def dispatch_op(op: str, implementation: Optional[str], q, k, v, **kwargs):
+def dispatch_op(op: str, implementation: Optional[str], q, k, v, *, sequence_sharded: bool = False, **kwargs):
   """Runs the ladder of ``op`` on already validated arguments; ``implementation`` forces one name (not caught)."""
   registry = _registry(op)
   if implementation is not None and implementation not in registry:
@@ -95,10 +98,13 @@ def dispatch_op(op: str, implementation: Optional[str], q, k, v, **kwargs):
     entry = registry[name]
     call_kwargs = dict(kwargs)
     if entry.platform is not None:
-      forced_elsewhere = implementation is not None and entry.platform != current_platform()
+      forced_elsewhere = implementation is not None and entry.platform != target.target_platform()
       call_kwargs["interpret"] = True if forced_elsewhere else None
     try:
-      out = entry.fn(q, k, v, **call_kwargs)
+      if entry.per_device:
+        out = partition.per_device(entry.fn, q, k, v, sequence_sharded=sequence_sharded, **call_kwargs)
+      else:
+        out = entry.fn(q, k, v, **call_kwargs)
     except NotImplementedError as e:
       if implementation is not None:
         raise
@@ -113,7 +119,8 @@ def dispatch_op(op: str, implementation: Optional[str], q, k, v, **kwargs):
   raise NotImplementedError(f"no {op} implementation accepted these arguments: " + "; ".join(reasons))
 
 
-def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None, implementation=None):
+def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None, implementation=None,
+              sequence_sharded=False):
   """Multi-head attention with GQA, causal / sliding-window / segment masks.
 
   Args:
@@ -127,12 +134,14 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     sliding_window: None or int w > 0: query at position i sees key j only if i - j < w (on top of ``causal``).
     scale: score scale, default head_dim ** -0.5.
     implementation: None for the first that works, or a registered name to force one (errors are not caught).
+    sequence_sharded: under a mesh, q's rows (not its batch) are split over the batch axes: one packed sequence
+      such as the vision tower's patches (``kernels.partition``). No effect without a mesh or on XLA.
 
   Returns [batch, Lq, Hq, head_dim] in q.dtype; softmax runs in float32; a query with no visible key gives 0.
   """
   segment_ids = check_args(q, k, v, segment_ids, sliding_window)
   return dispatch_op("attention", implementation, q, k, v, causal=causal, segment_ids=segment_ids,
-                     sliding_window=sliding_window, scale=scale)
+                     sliding_window=sliding_window, scale=scale, sequence_sharded=sequence_sharded)
 
 
 def check_args(q, k, v, segment_ids, sliding_window):

@@ -69,6 +69,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels import target
+
 try:  # The Triton-specific compiler params; gone once jax drops the Triton lowering.
   from jax.experimental.pallas import triton as _pltriton
 except ImportError:  # pragma: no cover - depends on the installed jax
@@ -139,9 +141,9 @@ def _config(q, k, v, causal, segment_ids, sliding_window, scale, block_layout, b
             block_k, num_warps, num_stages):
   """Validates the arguments; returns (static config, segment id pair or None, layout or None)."""
   if interpret is None:
-    if jax.default_backend() != PLATFORM:
-      raise NotImplementedError(f"pallas_gpu_attention runs compiled only on GPU (backend is "
-                                f"{jax.default_backend()!r}); pass interpret=True to interpret it")
+    if target.target_platform() != PLATFORM:
+      raise NotImplementedError(f"pallas_gpu_attention runs compiled only on GPU (the target is "
+                                f"{target.target_platform()!r}); pass interpret=True to interpret it")
     interpret = False
   interpret = bool(interpret)
   if _pltriton is None and not interpret:

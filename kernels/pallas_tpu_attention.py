@@ -31,7 +31,8 @@ Design notes
   head's dk/dv is accumulated in place. A row with no visible key ends with l = 0 and writes exactly 0 (lse 0).
 * Backward is a ``jax.custom_vjp``: the forward saves the log-sum-exp ([B, H, Lq] float32); dq and dk/dv are
   separate kernels that recompute p = exp(s - lse) (no atomics: each output block is owned by one grid row).
-* Platform gating: ``interpret=None`` runs compiled only when ``jax.default_backend() == "tpu"`` (or when
+* Platform gating: ``interpret=None`` runs compiled only when the target is a TPU (``kernels.target``: the mesh's
+  devices, else the default backend), or when
   ``pltpu.force_tpu_interpret_mode`` is active), and otherwise raises NotImplementedError so the dispatcher falls
   through. ``interpret=True`` (or an ``pltpu.InterpretParams``) runs the TPU interpreter on any platform; it
   fills unwritten buffers with NaN, so an output block the kernel forgets to write shows up in tests.
@@ -47,6 +48,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from kernels import target
 
 F32 = jnp.float32
 NEG_INF = -float("inf")
@@ -147,8 +150,8 @@ def _interpret_params(interpret):
     forced = _forced_interpret()
     if forced is not None:
       return forced
-    if jax.default_backend() != PLATFORM:
-      raise NotImplementedError(f"Pallas TPU attention needs a TPU (backend is {jax.default_backend()}); "
+    if target.target_platform() != PLATFORM:
+      raise NotImplementedError(f"Pallas TPU attention needs a TPU target (it is {target.target_platform()}); "
                                 "pass interpret=True to run the interpreter")
     return None
   if interpret is True:

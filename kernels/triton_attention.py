@@ -44,6 +44,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from kernels import target
+
 MAX_HEAD_DIM = 128
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -220,8 +222,8 @@ def _check(q, k, v, block_layout=None, interpret=None):
     raise NotImplementedError("triton_attention has no block-sparse layout support")
   if interpret:
     raise NotImplementedError("jax-triton has no interpret mode")
-  if jax.default_backend() != "gpu":
-    raise NotImplementedError(f"triton_attention needs a GPU backend, not {jax.default_backend()}")
+  if target.target_platform() != "gpu":
+    raise NotImplementedError(f"triton_attention needs a GPU target, not {target.target_platform()}")
   if q.shape[-1] > MAX_HEAD_DIM:
     raise NotImplementedError(f"triton_attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
   if jnp.dtype(q.dtype) not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

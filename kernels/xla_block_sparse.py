@@ -1,7 +1,7 @@
 """Block-sparse attention in plain JAX whose cost follows the layout's density: the reference for block-sparse kernels.
 
 How: the layout becomes, per query block (and per query head for per-head layouts), a list of marked key-block
-indices padded to the longest row plus a count (``kernels.block_sparse.layout_to_lists``). Query blocks are taken in
+indices padded to the longest row plus a count (``kernels.layouts.layout_to_lists``). Query blocks are taken in
 chunks of about ``q_tokens_per_step`` tokens (2048: with 128-token blocks one step's scores are as large as one
 512 x 512 tile of ``xla_attention``). Within a chunk a loop over list *slots* gathers, for every query block of the
 chunk at once, the key/value block named in that slot, computes its [bs, bs] scores and folds them into an online
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels.block_sparse import check_layout, layout_to_lists
+from kernels.layouts import check_layout, layout_to_lists
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf

@@ -11,9 +11,9 @@ from jax.extend import core as jex_core
 
 import kernels
 from kernels import dispatch
-from kernels.block_sparse import (block_sparse_attention, causal_layout, dynamic_sparse_attention,
-                                  dynamic_topk_layout, layout_to_lists, num_blocks, segment_layout,
-                                  sliding_window_layout)
+from kernels.block_sparse import block_sparse_attention, dynamic_sparse_attention
+from kernels.layouts import (causal_layout, dynamic_topk_layout, layout_to_lists, num_blocks, segment_layout,
+                             sliding_window_layout)
 from kernels.xla_block_sparse import xla_block_sparse_attention
 
 

@@ -101,12 +101,14 @@ class VisionBlock(nnx.Module):
     # RoPE in float32, cast back (as HF's apply_rotary_pos_emb_vision).
     q = rope.apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = rope.apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+    # One packed sequence whose rows the batch axes split: on a mesh each chip attends its own patches.
     if layout is None:
       o = kernels.attention(q[None], k[None], v[None], segment_ids=segment_ids[None],
-                            implementation=self.attention_impl)[0]
+                            implementation=self.attention_impl, sequence_sharded=True)[0]
     else:  # only the blocks that hold patches of one image are computed
       o = kernels.block_sparse_attention(q[None], k[None], v[None], layout, block_size=self.block_size,
-                                         segment_ids=segment_ids[None], implementation=self.attention_impl)[0]
+                                         segment_ids=segment_ids[None], implementation=self.attention_impl,
+                                         sequence_sharded=True)[0]
     o = checkpoint_tag(o, "vision_attention")
     x = x + self.proj(o.reshape(n, d))
     return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=True))
