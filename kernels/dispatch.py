@@ -25,6 +25,7 @@ registers (the XLA references first, so they end the ladder).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Dict, NamedTuple, Optional
 
@@ -50,6 +51,19 @@ class Implementation(NamedTuple):
 # (+ interpret for entries with a platform). segment_ids is always None or a (q_ids, kv_ids) pair.
 _REGISTRIES: Dict[str, Dict[str, Implementation]] = {"attention": {}, "block_sparse_attention": {}}
 _LOGGED = set()
+_RECORDERS: list = []  # open `recording()` lists
+
+
+@contextlib.contextmanager
+def recording():
+  """Collects (op, implementation, q shape, k shape, dtype) of every call dispatched (traced) inside the block:
+  what the compile tool reports as "which kernel each call got"."""
+  calls: list = []
+  _RECORDERS.append(calls)
+  try:
+    yield calls
+  finally:
+    _RECORDERS.remove(calls)
 
 
 def _registry(op: str) -> Dict[str, Implementation]:
@@ -112,6 +126,8 @@ def dispatch_op(op: str, implementation: Optional[str], q, k, v, *, sequence_sha
       reasons.append(f"{name}: {e}")
       continue
     key = (op, q.shape, k.shape, str(q.dtype), name)
+    for calls in _RECORDERS:
+      calls.append((op, name, tuple(q.shape), tuple(k.shape), str(q.dtype)))
     if key not in _LOGGED:
       _LOGGED.add(key)
       logger.info("%s: using %s for q%s k%s %s", op, name, tuple(q.shape), tuple(k.shape), q.dtype)

@@ -282,8 +282,9 @@ def _dot(cfg, a, b, contract):
 
 
 def _cdiv(a, b):
-  """Ceil division of a non-negative (possibly traced) int by a static int."""
-  return lax.div(a + (b - 1), b)
+  """Ceil division of a non-negative (possibly traced) int by a static int. Python's // on the traced int keeps
+  its dtype (a static int is weakly typed); lax.div would see int64 for it under jax_enable_x64 and refuse."""
+  return (a + (b - 1)) // b
 
 
 def _mask(cfg, q_rows, k_cols, q_ids=None, k_ids=None, mask_q_padding=False):
@@ -321,7 +322,7 @@ def _kv_bounds(cfg, iq):
     q_last = jnp.minimum(iq * cfg.bq + cfg.bq - 1, cfg.lq - 1) + off
     hi = jnp.minimum(hi, _cdiv(jnp.maximum(q_last + 1, 0), cfg.bk))
   if cfg.window is not None:
-    lo = lax.div(jnp.maximum(iq * cfg.bq + off - cfg.window + 1, 0), cfg.bk)
+    lo = jnp.maximum(iq * cfg.bq + off - cfg.window + 1, 0) // cfg.bk
   return lo, hi
 
 
@@ -330,7 +331,7 @@ def _q_bounds(cfg, ik):
   off = cfg.lk - cfg.lq
   lo, hi = 0, -(-cfg.lq // cfg.bq)
   if cfg.causal:
-    lo = lax.div(jnp.maximum(ik * cfg.bk - off, 0), cfg.bq)
+    lo = jnp.maximum(ik * cfg.bk - off, 0) // cfg.bq
   if cfg.window is not None:
     k_last = jnp.minimum(ik * cfg.bk + cfg.bk - 1, cfg.lk - 1)
     hi = jnp.minimum(hi, _cdiv(jnp.maximum(k_last + cfg.window - off, 0), cfg.bq))
@@ -494,7 +495,7 @@ def _fwd_call(cfg, q, k, v, segs, plans):
   lk_pad, g = k.shape[1], cfg.groups
   nq = lq_pad // cfg.bq
   q_spec = pl.BlockSpec((None, cfg.bq, None, dp), lambda b, h, i: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, lk_pad, None, dp), lambda b, h, i: (b, 0, lax.div(h, g), 0))
+  kv_spec = pl.BlockSpec((None, lk_pad, None, dp), lambda b, h, i: (b, 0, h // g, 0))
   extra, extra_specs = _optional_inputs(
       cfg, segs, None if plans is None else plans[0],
       pl.BlockSpec((None, cfg.bq), lambda b, h, i: (b, i)), pl.BlockSpec((None, lk_pad), lambda b, h, i: (b, 0)),
@@ -511,7 +512,7 @@ def _dq_call(cfg, q, k, v, do, lse, delta, segs, plans):
   b, lq_pad, hq, dp = q.shape
   lk_pad, g = k.shape[1], cfg.groups
   q_spec = pl.BlockSpec((None, cfg.bq, None, dp), lambda b, h, i: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, lk_pad, None, dp), lambda b, h, i: (b, 0, lax.div(h, g), 0))
+  kv_spec = pl.BlockSpec((None, lk_pad, None, dp), lambda b, h, i: (b, 0, h // g, 0))
   row_spec = pl.BlockSpec((None, None, cfg.bq), lambda b, h, i: (b, h, i))
   extra, extra_specs = _optional_inputs(
       cfg, segs, None if plans is None else plans[0],
