@@ -79,6 +79,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 F32 = jnp.float32
 NEG_INF = -float("inf")
 PLATFORM = "gpu"
+MAX_LAYOUT_TILE = 64  # tile side a large layout block is split into (shared memory; see _config)
 
 
 class _Cfg(NamedTuple):
@@ -171,6 +172,14 @@ def _config(q, k, v, causal, segment_ids, sliding_window, scale, block_layout, b
       raise ValueError(f"block_layout shape {shape} must be ({nq}, {nk}) or ({hq}, {nq}, {nk}) for Lq={lq}, "
                        f"Lk={lk}, block_size={bq}")
     layout_heads = 1 if len(shape) == 2 else hq
+    if bq > MAX_LAYOUT_TILE and bq % MAX_LAYOUT_TILE == 0:
+      # Large layout blocks (the vision tower's 128) as tiles of MAX_LAYOUT_TILE: 128 x 128 tiles of q, k, v
+      # overflow the H100's 227 KiB of shared memory (f32 at any head_dim, bf16 at 128 on B200, found by
+      # compiling for them). Each block's mark is repeated over its tiles, so the same token pairs are computed.
+      r = bq // MAX_LAYOUT_TILE
+      bq = bk = MAX_LAYOUT_TILE
+      block_layout = jnp.repeat(jnp.repeat(jnp.asarray(block_layout, bool), r, axis=-2), r, axis=-1)
+      block_layout = block_layout[..., :-(-lq // bq), :-(-lk // bk)]
   else:
     if block_size is not None:
       block_q = block_k = int(block_size)

@@ -57,6 +57,7 @@ LANES = 128
 SUBLANES = 8
 NT = (((1,), (1,)), ((), ()))  # a @ b.T without materialising the transpose
 PLATFORM = "tpu"
+SMEM_TABLE_BYTES = 256 * 1024  # per kernel call, of the 1 MiB SMEM (TPU v5e, v6e)
 
 
 class _Cfg(NamedTuple):
@@ -139,9 +140,62 @@ def pallas_tpu_attention(q, k, v, *, causal=False, segment_ids=None, sliding_win
   if segment_ids is not None:
     pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
     segs = tuple(jnp.asarray(s, jnp.int32) for s in pair)
-  cfg = _Cfg(bool(causal), window, scale, bq, bk, lq, lk, lq_pad, lk_pad, hq // hkv, b if segs else 1, ht,
+  bt = b if segs else 1
+  rows = _blocks_per_call(bt * ht, nq, nk, fwd_steps, bwd_steps)
+  if rows < nq:
+    return _in_row_chunks(rows * bq, q, k, v, causal=causal, segs=segs, sliding_window=window, scale=scale,
+                          block_layout=block_layout, block_size=block_size, interpret=interpret, bq=bq, bk=bk)
+  cfg = _Cfg(bool(causal), window, scale, bq, bk, lq, lk, lq_pad, lk_pad, hq // hkv, bt, ht,
              fwd_steps, bwd_steps, params)
   return _attention_jit(cfg, q, k, v, segs, vis, layout_dyn)
+
+
+def _blocks_per_call(lists: int, nq: int, nk: int, fwd_steps: int, bwd_steps: int) -> int:
+  """Query blocks one kernel call may take so each call's scalar-prefetched skip tables fit SMEM_TABLE_BYTES.
+
+  The tables are int32 [lists, nq, fwd_steps] (+ counts) and [lists, nk, bwd_steps]: a long packed sequence (the
+  vision tower's 32k patches a chip: 256 x 2048 blocks, 2 MiB) overflows the 1 MiB of SMEM, so such a call is
+  split along its query rows (both tables shrink with the rows a call takes).
+  """
+  def table_bytes(rows, f_steps, b_steps):
+    return 4 * lists * max(rows * (f_steps + 1), nk * (b_steps + 1))
+
+  if table_bytes(nq, fwd_steps, bwd_steps) <= SMEM_TABLE_BYTES:
+    return nq
+  rows = nq
+  while rows > 1 and table_bytes(rows, min(fwd_steps, nk), min(bwd_steps, rows)) > SMEM_TABLE_BYTES:
+    rows = -(-rows // 2)
+  if table_bytes(rows, min(fwd_steps, nk), min(bwd_steps, rows)) > SMEM_TABLE_BYTES:
+    raise NotImplementedError(f"Pallas TPU attention: skip tables for {nk} kv blocks x {lists} lists exceed "
+                              f"{SMEM_TABLE_BYTES} bytes of SMEM even one query block per call")
+  return rows
+
+
+def _in_row_chunks(rows, q, k, v, *, causal, segs, sliding_window, scale, block_layout, block_size, interpret, bq,
+                   bk):
+  """The call as several calls over `rows` query rows each (see _blocks_per_call), outputs concatenated.
+
+  Query row r sits at position r + Lk - Lq; a chunk [r0, r1) keeps that by taking the keys up to Lk - Lq + r1
+  under causal (the later ones are invisible to it anyway), the layout's rows of its blocks and their columns.
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  outs = []
+  for r0 in range(0, lq, rows):
+    r1 = min(r0 + rows, lq)
+    kv_end = lk - lq + r1 if causal else lk
+    if kv_end <= 0:  # these queries see no key
+      outs.append(jnp.zeros_like(q[:, r0:r1]))
+      continue
+    part = {}
+    if segs is not None:
+      part["segment_ids"] = (segs[0][:, r0:r1], segs[1][:, :kv_end])
+    if block_layout is not None:
+      i0, i1, j1 = r0 // block_size, -(-r1 // block_size), -(-kv_end // block_size)
+      part.update(block_layout=block_layout[..., i0:i1, :j1], block_size=block_size)
+    outs.append(pallas_tpu_attention(q[:, r0:r1], k[:, :kv_end], v[:, :kv_end], causal=causal,
+                                     sliding_window=sliding_window, scale=scale, interpret=interpret, block_q=bq,
+                                     block_k=bk, **part))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _interpret_params(interpret):
