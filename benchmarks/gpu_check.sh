@@ -15,6 +15,7 @@ BUDGET_S="${BUDGET_S:-450}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export JAX_PLATFORMS="${JAX_PLATFORMS-}"  # set (empty = auto): tests/conftest.py defaults an unset one to cpu
 START=$(date +%s)
 declare -a NAMES STATUS SECS
 

@@ -29,7 +29,6 @@ import contextlib
 import logging
 from typing import Callable, Dict, NamedTuple, Optional
 
-import jax
 import jax.numpy as jnp
 
 from kernels import partition, target

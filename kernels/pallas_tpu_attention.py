@@ -303,6 +303,17 @@ def _row(cfg, b, h, i, n_rows):
 
 # ----------------------------------------------------------------------------- in-kernel helpers
 
+def _dot_general(a, b, dims):
+  """float32-accumulating matmul with the precision pinned by the operand dtype: Mosaic rejects bfloat16
+  operands at fp32 contract precision, which a global `jax_default_matmul_precision="highest"` would ask for."""
+  precision = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, preferred_element_type=F32, precision=precision)
+
+
+def _dot(a, b):
+  return _dot_general(a, b, (((1,), (0,)), ((), ())))
+
+
 def _lanes_to(x, n):
   """[rows, 128] (all lanes equal) -> [rows, n]: slice for n <= 128, tile for multiples of 128."""
   if n <= LANES:
@@ -340,7 +351,7 @@ def _mask(cfg, qi, kj, qid_ref, kid_ref):
 
 def _scores(cfg, q, k, qi, kj, qid_ref, kid_ref):
   """Scaled float32 scores [bq, bk] with -inf where masked."""
-  s = lax.dot_general(q, k, NT, preferred_element_type=F32) * cfg.scale
+  s = _dot_general(q, k, NT) * cfg.scale
   mask = _mask(cfg, qi, kj, qid_ref, kid_ref)
   return s if mask is None else jnp.where(mask, s, NEG_INF)
 
@@ -379,7 +390,7 @@ def _fwd_kernel(fidx_ref, fcnt_ref, *refs, cfg, has_segs, with_lse):
     p = jnp.exp(s - _lanes_to(m_safe, cfg.bk))
     l_scr[...] = alpha * l_scr[...] + p.sum(axis=1, keepdims=True)
     m_scr[...] = m_next
-    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=F32)
+    pv = _dot(p.astype(v.dtype), v)
     acc_scr[...] = acc_scr[...] * _lanes_to(alpha, acc_scr.shape[1]) + pv
 
   @pl.when(j == cfg.fwd_steps - 1)
@@ -460,9 +471,9 @@ def _dq_kernel(fidx_ref, fcnt_ref, *refs, cfg, has_segs):
     do = do_ref[0, 0]
     s = _scores(cfg, q_ref[0, 0], k, qi, kj, qid_ref, kid_ref)
     p = jnp.exp(s - _lanes_to(lse_ref[0, 0], cfg.bk))
-    dp = lax.dot_general(do, v_ref[0, 0], NT, preferred_element_type=F32)
+    dp = _dot_general(do, v_ref[0, 0], NT)
     ds = p * (dp - _lanes_to(di_ref[0, 0], cfg.bk))
-    dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=F32)
+    dq_scr[...] += _dot(ds.astype(k.dtype), k)
 
   @pl.when(j == cfg.fwd_steps - 1)
   def _finish():
@@ -489,10 +500,10 @@ def _dkv_kernel(bidx_ref, bcnt_ref, *refs, cfg, has_segs):
     v = v_ref[0, 0]
     s = _scores(cfg, q, k_ref[0, 0], qi, kj, qid_ref, kid_ref)  # [bq, bk]
     p = jnp.exp(s - _lanes_to(lse_ref[0, 0], cfg.bk))
-    dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=F32)
-    dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
+    dv_scr[...] += _dot(p.T.astype(do.dtype), do)
+    dp = _dot_general(do, v, NT)
     ds = p * (dp - _lanes_to(di_ref[0, 0], cfg.bk))
-    dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=F32)
+    dk_scr[...] += _dot(ds.T.astype(q.dtype), q)
 
   @pl.when((g == cfg.group - 1) & (i == cfg.bwd_steps - 1))
   def _finish():

@@ -30,9 +30,17 @@ from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import BATCH
 
 
-# The grouped matmul of the ragged path (a module attribute so the memory report can swap in a stand-in of the
-# same shapes: XLA:CPU expands ragged_dot to every expert, GPU and TPU lower it to a grouped matmul).
-grouped_matmul = jax.lax.ragged_dot
+def ragged_dot(x, w, group_sizes):
+  """`jax.lax.ragged_dot` with its precision pinned by the dtype: XLA:TPU runs it as a Mosaic kernel, which
+  rejects bfloat16 operands at the fp32 precision a global `jax_default_matmul_precision="highest"` asks for
+  (found compiling the MoE train step for TPU v5e); float32 keeps the highest precision."""
+  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+  return jax.lax.ragged_dot(x, w, group_sizes, precision=precision)
+
+
+# The grouped matmul of the ragged path (a module attribute so the compile tool can swap in a stand-in of the
+# same shapes on cpu:N: XLA:CPU expands ragged_dot to every expert, GPU and TPU lower it to a grouped matmul).
+grouped_matmul = ragged_dot
 
 
 class MoE(nnx.Module):

@@ -284,7 +284,7 @@ def run(config, target, steps, max_new_tokens: int = 64, hlo_dir: str | None = N
       program = generate_program(config, target.devices, max_new_tokens)
     else:
       raise ValueError(f"--step: unknown step {step!r}; valid: train, generate")
-    with _grouped_matmul_as_on_accelerators(target.platform == "cpu" and config.model.moe_impl == "ragged"):
+    with grouped_matmul_as_on_accelerators(target.platform == "cpu" and config.model.moe_impl == "ragged"):
       rows.append(compile_program(program, target.memory_bytes, hlo_dir))
   return rows
 
@@ -298,7 +298,7 @@ def _grouped_matmul_stand_in(x, w, group_sizes):
 
 
 @contextlib.contextmanager
-def _grouped_matmul_as_on_accelerators(active: bool):
+def grouped_matmul_as_on_accelerators(active: bool):
   from qwen3vl.model import moe
   real = moe.grouped_matmul
   if active:
@@ -316,6 +316,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     target = targets.resolve(_TARGET.value)
+    if _HBM.value:
+      target = dataclasses.replace(target, memory_bytes=int(_HBM.value * GIB))
     rows = run(_CONFIG.value, target, _STEP.value, _NEW_TOKENS.value, _HLO_DIR.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -333,6 +335,7 @@ if __name__ == "__main__":
   _TARGET = flags.DEFINE_string("target", "cpu:8", "v5e:2x4, v5p:2x2x1, v6e:2x4, h100:8, h100:4x8, b200:8, cpu:N, ...")
   _STEP = flags.DEFINE_list("step", ["train"], "Programs to compile: train, generate.")
   _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Decode steps of the generate program (its KV cache).")
+  _HBM = flags.DEFINE_float("hbm_gib", None, "Device memory for the verdict, GiB (default: the target's HBM).")
   _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each step's optimized per-device HLO text here.")
   m = re.match(r"cpu:(\d+)$", next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--target=")), ""))
   if m:

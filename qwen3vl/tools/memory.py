@@ -4,9 +4,10 @@
     python -m qwen3vl.tools.memory --config=configs/dense.py:2b --devices=8 --remat=full,minimal --hbm_gib=80
     python -m qwen3vl.tools.memory --config=configs/moe.py --saved      # what each preset keeps per layer
 
-The train step of `train.py` (same state shardings, same `TrainStep`) is lowered and compiled ahead of time for
-`--devices` simulated CPU devices with the `--target` hardware overlay (default gpu: bfloat16 compute, ragged
-MoE), once per remat preset; nothing is allocated. Parameters, optimizer state and the batch are counted from
+A remat-preset sweep over `qwen3vl.tools.compile`'s train program (one way to build the abstract state and
+compile: `compile.build_train`): for `--devices` simulated CPU devices with the `--target` hardware overlay
+(default gpu: bfloat16 compute, ragged MoE), once per remat preset; nothing is allocated. For the real TPU / GPU
+compilers, use `python -m qwen3vl.tools.compile --target=v5e:2x4|h100:8 --config.model.remat=...`. Parameters, optimizer state and the batch are counted from
 their shardings, temporaries come from the compiled module's memory analysis. XLA:CPU drops host-offload
 annotations, so for `minimal_offload` the tensors the policy sends to pinned host memory (counted per layer with
 `jax.ad_checkpoint.saved_residuals`) are subtracted from the temporaries: that row is an estimate. XLA:CPU also
@@ -28,6 +29,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from qwen3vl.tools import compile as compile_tool
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/moe.py", "Training config file[:preset].")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (the mesh in --config.mesh must use them all).")
 _REMAT = flags.DEFINE_list("remat", ["none", "full", "dots_with_no_batch_dims", "minimal", "minimal_offload"],
@@ -39,38 +42,9 @@ _SAVED = flags.DEFINE_bool("saved", False, "Print what each preset keeps for one
 GIB = 2**30
 
 
-def _shard_bytes(tree) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (device 0's shard)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def build(config, num_devices: int):
-  """(graphdef, abstract train state, abstract batch, TrainStep, model config) for `config` on a mesh."""
-  from flax import nnx
-  from qwen3vl import sharding
-  from qwen3vl.data.packing import batch_shapes
-  from qwen3vl.model.vlm import Qwen3VL
-  from qwen3vl.train import trainer
-  from qwen3vl.train.optim import make_optimizer
-
-  cfg = trainer.model_config(config)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
-  params = _abstract(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
-  tx = make_optimizer(config.optim, config.train.steps, params)
-  shardings = trainer.state_shardings(params, tx, mesh, config)
-  train_state = _abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                           "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)},
-                          shardings)
-  d = config.data
-  shapes = batch_shapes(d.batch_size, d.max_length, d.max_patches, cfg.vision.patch_dim)
-  placed = sharding.batch_shardings({k: shape for k, (shape, _) in shapes.items()}, mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k]) for k, (shape, dtype) in shapes.items()}
-  return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh
+  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh) on simulated CPU devices."""
+  return compile_tool.build_train(config, jax.devices()[:num_devices])
 
 
 def layer_residuals(cfg, config, mesh, preset: str):
@@ -109,23 +83,6 @@ def layer_residuals(cfg, config, mesh, preset: str):
   return lines, total
 
 
-def _grouped_matmul_stand_in(x, w, group_sizes):
-  """Same shapes in and out as `jax.lax.ragged_dot(x [m, k], w [E, k, n], group_sizes)`, and a gradient of w's
-  full [E, k, n] shape, computed as one matmul with expert 0 (only the memory arithmetic matters here)."""
-  del group_sizes
-  return x @ w[0]
-
-
-@contextlib.contextmanager
-def _grouped_matmul_as_on_accelerators():
-  from qwen3vl.model import moe
-  real, moe.grouped_matmul = moe.grouped_matmul, _grouped_matmul_stand_in
-  try:
-    yield
-  finally:
-    moe.grouped_matmul = real
-
-
 def _saved_residuals(fn, *args):
   """[(shape, dtype, source)] parsed from `jax.ad_checkpoint.print_saved_residuals` (the public form of it)."""
   text = io.StringIO()
@@ -147,10 +104,10 @@ def report(config, num_devices: int, presets, hbm_gib: float) -> list[dict]:
     with config.unlocked():
       config.model.remat = config.model.vision_remat = preset
     graphdef, state, batch, step, cfg, mesh = build(config, num_devices)
-    with _grouped_matmul_as_on_accelerators():
+    with compile_tool.grouped_matmul_as_on_accelerators(cfg.moe_impl == "ragged"):
       compiled = step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
-    params, opt, data = _shard_bytes(state["params"]), _shard_bytes(state["opt_state"]), _shard_bytes(batch)
+    params, opt, data = (compile_tool.shard_bytes(x) for x in (state["params"], state["opt_state"], batch))
     opt_host = opt if config.offload.optimizer_state else 0
     temp = mem.temp_size_in_bytes
     offloaded = 0
