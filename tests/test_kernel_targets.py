@@ -65,8 +65,10 @@ def test_forward_only_kernels_compile(target_name, impl, mask):
 
 
 def test_jax_triton_kernel_needs_a_device():
-  """jax-triton compiles its kernel through Triton at trace time with the GPU of the running process, so it cannot
-  target a compile-only device; the dispatcher must decline it there (and fall to pallas_gpu), not crash."""
+  """jax-triton compiles its kernel through Triton while lowering, for the compute capability the CUDA runtime reports
+  for device 0 of this process (jax_triton's make_cuda_target), so it cannot target a compile-only device (and is
+  not installed in CI); the dispatcher must decline it there and fall to pallas_gpu, not crash. The kernel itself
+  is compiled with Triton for an explicit sm_90 target in test_triton_attention."""
   target = need("h100:1")
   fn, args = _program("causal", 128, "bfloat16", 2, "triton", grad=False)
   with jax.set_mesh(one_device_mesh(target)), pytest.raises(NotImplementedError, match="jax_triton|jax-triton"):
