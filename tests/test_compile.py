@@ -82,7 +82,7 @@ def test_cli_prints_the_table_and_exit_codes():
           "--config.data.max_patches=256"]
   ok = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert ok.returncode == 0, ok.stderr[-3000:]
-  assert "step (GiB/device)" in ok.stdout and "fits" in ok.stdout and "attention -> xla" in ok.stdout, ok.stdout
+  assert "step (MiB/device)" in ok.stdout and "fits" in ok.stdout and "attention -> xla" in ok.stdout, ok.stdout
   small = subprocess.run(base + ["--hbm_gib=0.001"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert small.returncode == 2 and "does not fit" in small.stdout, small.stdout + small.stderr[-2000:]
   bad = subprocess.run(base[:4] + ["--target=z100:8"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -45,7 +45,8 @@ class Program:
   name: str
   lower: callable
   held: dict  # {"params": bytes, "optimizer": bytes, "batch": bytes, "cache": bytes} per device
-  choices: list = dataclasses.field(default_factory=list)  # filled while lowering: kernels.dispatch records
+  notes: list = dataclasses.field(default_factory=list)  # lines for the report (the MoE path)
+  mesh: dict = dataclasses.field(default_factory=dict)  # axis sizes
 
 
 def shard_bytes(tree) -> int:
@@ -91,11 +92,26 @@ def build_train(config, devices):
   return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh
 
 
+def moe_notes(cfg, mesh) -> list[str]:
+  """How the MoE layers run on this mesh (model/moe.py), for the report."""
+  if not cfg.text.is_moe:
+    return []
+  from qwen3vl import sharding
+  axes = [a for a in sharding.BATCH if mesh.shape[a] > 1]
+  if cfg.moe_impl == "dense":
+    return [f"moe: dense reference path ({cfg.text.num_experts} experts on every token)"]
+  where = (f"per device in a shard_map over {axes}" + (", experts split over 'expert'" if mesh.shape["expert"] > 1
+                                                        and cfg.text.num_experts % mesh.shape["expert"] == 0
+                                                        else ", every expert on every device")) if axes else "one device"
+  how = "jax.lax.ragged_dot (grouped matmul)" if cfg.moe_impl == "ragged" else "blocked experts (model/experts.py)"
+  return [f"moe: {cfg.moe_impl}: {how}, {where}; {cfg.text.num_experts} experts, top {cfg.text.num_experts_per_tok}"]
+
+
 def train_program(config, devices) -> Program:
-  _, state, batch, step, _, _ = build_train(config, devices)
+  _, state, batch, step, cfg, mesh = build_train(config, devices)
   held = {"params": shard_bytes(state["params"]), "optimizer": shard_bytes(state["opt_state"]),
           "batch": shard_bytes(batch)}
-  return Program("train", lambda: step.lower(state, batch), held)
+  return Program("train", lambda: step.lower(state, batch), held, moe_notes(cfg, mesh), dict(mesh.shape))
 
 
 def generate_program(config, devices, max_new_tokens: int) -> Program:
@@ -138,7 +154,7 @@ def generate_program(config, devices, max_new_tokens: int) -> Program:
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
   cache_bytes //= shards if d.batch_size % shards == 0 else 1  # the cache's batch follows the batch axes
   held = {"params": shard_bytes(params), "batch": shard_bytes(batch), "cache": cache_bytes}
-  return Program("generate", lower, held)
+  return Program("generate", lower, held, moe_notes(cfg, mesh), dict(mesh.shape))
 
 
 # ----------------------------------------------------------------------------- HLO reading
@@ -214,7 +230,7 @@ def _oom_bytes(message: str) -> int | None:
 def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None = None) -> dict:
   """Lowers and compiles `program`; returns its row: held bytes, temps, peak, verdict, kernels, seconds."""
   import kernels
-  row = {"step": program.name, **program.held}
+  row = {"step": program.name, **program.held, "notes": program.notes, "mesh": program.mesh}
   start = time.perf_counter()
   with kernels.dispatch.recording() as choices:
     lowered = program.lower()
@@ -247,22 +263,25 @@ def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None
 def format_report(target, config, rows) -> list[str]:
   hbm = f"{target.memory_bytes / GIB:.1f} GiB each" if target.memory_bytes else "no HBM limit"
   d = config.data
-  out = [f"target {target.name}: {len(target.devices)} x {target.device_kind} ({hbm}); mesh "
-         f"{ {k: v for k, v in config.mesh.items()} }; batch {d.batch_size} x {d.max_length} tokens + "
-         f"{d.max_patches} patches; model dtype {config.model.dtype}, remat {config.model.remat}",
-         f"{'step (GiB/device)':<18}{'params':>8}{'optim':>8}{'batch':>8}{'cache':>8}{'temps':>8}{'host':>7}"
+  peaks = [r["peak"] for r in rows if r.get("peak")]
+  unit, scale = ("GiB", GIB) if not peaks or max(peaks) >= GIB else ("MiB", 2**20)
+  out = [f"target {target.name}: {len(target.devices)} x {target.device_kind} ({hbm}); mesh {rows[0]['mesh']}; "
+         f"batch {d.batch_size} x {d.max_length} tokens + {d.max_patches} patches; model dtype "
+         f"{config.model.dtype}, remat {config.model.remat}",
+         f"{'step (' + unit + '/device)':<18}{'params':>8}{'optim':>8}{'batch':>8}{'cache':>8}{'temps':>8}{'host':>7}"
          f"{'peak':>8}  {'verdict':<22}{'compile':>9}"]
   for r in rows:
-    g = lambda k: f"{r[k] / GIB:8.2f}" if r.get(k) is not None else f"{'-':>8}"  # noqa: E731
+    g = lambda k: f"{r[k] / scale:8.2f}" if r.get(k) is not None else f"{'-':>8}"  # noqa: E731
     verdict = "fits" if r["fits"] else (f"does not fit: {r['peak'] / GIB:.1f} GiB" if r.get("peak") else
                                         "does not fit")
-    host = f"{r['host'] / GIB:7.2f}" if r.get("host") is not None else f"{'-':>7}"
+    host = f"{r['host'] / scale:7.2f}" if r.get("host") is not None else f"{'-':>7}"
     out.append(f"{r['step']:<18}{g('params')}{g('optimizer')}{g('batch')}{g('cache')}{g('temp')}{host}{g('peak')}"
                f"  {verdict:<22}{r['seconds']:8.1f}s")
     if r.get("error"):
       out.append(f"  compiler: {r['error']}")
     for op, impl, q, k, dtype in r["choices"]:
       out.append(f"  {r['step']}: {op} -> {impl} for global q{list(q)} k{list(k)} {dtype}")
+    out += [f"  {r['step']}: {note}" for note in r["notes"]]
     seen = set()
     for call in r.get("kernels", []):
       tensors = tensor_operands(call)[:3]
