@@ -218,13 +218,17 @@ def feeding_ops(hlo_text: str, operand: str, depth: int = 6) -> set[str]:
 
 # ----------------------------------------------------------------------------- compile and report
 
-def _oom_bytes(message: str) -> int | None:
-  """Bytes the compiler said the program needs, from an out-of-memory error (XLA:TPU's wording)."""
+def _oom_bytes(message: str) -> tuple[int | None, bool]:
+  """(bytes, of temporaries only?) the compiler said the program needs, from an out-of-memory error (XLA:TPU's
+  two wordings: "Used X of Y hbm" for the whole program, "memory required for HLO temporaries (X)")."""
+  scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1, "": 1}
   m = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
-  if not m:
-    return None
-  scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
-  return int(float(m[1]) * scale[m[2]])
+  if m:
+    return int(float(m[1]) * scale[m[2]]), False
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", message)
+  if m:
+    return int(float(m[1]) * scale[m[2]]), True
+  return None, False
 
 
 def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None = None) -> dict:
@@ -238,11 +242,12 @@ def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None
   try:
     compiled = lowered.compile()
   except Exception as e:  # an out-of-memory compile is a verdict, anything else an error
-    need = _oom_bytes(str(e))
-    if need is None and "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    row.update(seconds=time.perf_counter() - start, peak=need, temp=None, fits=False,
-               error=str(e).splitlines()[0][:300])
+    need, temps_only = _oom_bytes(str(e))
+    if need is None and not re.search(r"RESOURCE_EXHAUSTED.*(hbm|HBM)", str(e).splitlines()[0]):
+      raise  # e.g. a kernel's scalar tables overflowing SMEM is a bug to see, not a verdict
+    held = sum(program.held.values())
+    row.update(seconds=time.perf_counter() - start, temp=need if temps_only else None, fits=False,
+               peak=(held + need if temps_only else need) if need else None, error=str(e).splitlines()[0][:300])
     return row
   row["seconds"] = time.perf_counter() - start
   mem = compiled.memory_analysis()
