@@ -12,8 +12,9 @@ Each entry records the platform it is native to: ``None`` for portable code (XLA
 
 * automatic dispatch passes ``interpret=None``: the kernel runs compiled on its own platform and raises
   ``NotImplementedError`` elsewhere, so the ladder moves on;
-* forcing a name (``implementation="pallas_tpu"``) on another platform passes ``interpret=True``: the Pallas
-  interpreter runs the same kernel, which is how CPU CI tests it; on its own platform it passes ``interpret=None``.
+* forcing a name (``implementation="pallas_tpu"``) on CPU passes ``interpret=True``: the Pallas interpreter runs
+  the same kernel, which is how CPU CI tests it; on its own platform it passes ``interpret=None``; forcing a TPU
+  kernel into a GPU program (or the reverse) is a ValueError.
 
 "Platform" is the compile target (``kernels.target``: the devices of the ``jax.set_mesh`` mesh), not the host, so a
 TPU or GPU program built on a CPU machine gets the kernels it would get on the chips. Entries registered with
@@ -111,7 +112,11 @@ def dispatch_op(op: str, implementation: Optional[str], q, k, v, *, sequence_sha
     entry = registry[name]
     call_kwargs = dict(kwargs)
     if entry.platform is not None:
-      forced_elsewhere = implementation is not None and entry.platform != target.target_platform()
+      here = target.target_platform()
+      forced_elsewhere = implementation is not None and entry.platform != here
+      if forced_elsewhere and here != "cpu":  # the interpreter is for testing on CPU, not inside a chip's program
+        raise ValueError(f"{op} implementation {name!r} is a {entry.platform} kernel; this program is built for "
+                         f"{here}")
       call_kwargs["interpret"] = True if forced_elsewhere else None
     try:
       if entry.per_device:

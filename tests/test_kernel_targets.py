@@ -138,3 +138,11 @@ def test_gpu_kernel_tiles_large_layout_blocks():
   ours = kernels.block_sparse_attention(q, k, v, layout, block_size=128, causal=True, implementation="pallas_gpu")
   ref = xla_block_sparse_attention(q, k, v, block_layout=layout, block_size=128, causal=True)
   np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_kernel_of_another_chip_is_refused():
+  """Forcing the TPU kernel into a GPU program is an error naming both (the interpreter is only for CPU hosts)."""
+  target = need("h100:1")
+  fn, args = _program("causal", 128, "bfloat16", 2, "pallas_tpu", grad=False)
+  with jax.set_mesh(one_device_mesh(target)), pytest.raises(ValueError, match="pallas_tpu.*tpu kernel.*gpu"):
+    fn.lower(*args)
