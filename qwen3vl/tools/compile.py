@@ -92,7 +92,7 @@ def build_train(config, devices):
   return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh
 
 
-def moe_notes(cfg, mesh) -> list[str]:
+def moe_notes(cfg, mesh, platform: str) -> list[str]:
   """How the MoE layers run on this mesh (model/moe.py), for the report."""
   if not cfg.text.is_moe:
     return []
@@ -103,15 +103,20 @@ def moe_notes(cfg, mesh) -> list[str]:
   where = (f"per device in a shard_map over {axes}" + (", experts split over 'expert'" if mesh.shape["expert"] > 1
                                                         and cfg.text.num_experts % mesh.shape["expert"] == 0
                                                         else ", every expert on every device")) if axes else "one device"
-  how = "jax.lax.ragged_dot (grouped matmul)" if cfg.moe_impl == "ragged" else "blocked experts (model/experts.py)"
+  # What the compilers make of ragged_dot (jax 0.10.2): XLA:TPU a grouped-matmul kernel, XLA:GPU and XLA:CPU
+  # every expert over every token copy (found in the optimized HLO: [experts, copies, width] masks).
+  lowered = {"tpu": "a grouped-matmul kernel", "gpu": "expanded to every expert by XLA:GPU",
+             "cpu": "expanded to every expert by XLA:CPU"}.get(platform, "")
+  how = f"jax.lax.ragged_dot ({lowered})" if cfg.moe_impl == "ragged" else "blocked experts (model/experts.py)"
   return [f"moe: {cfg.moe_impl}: {how}, {where}; {cfg.text.num_experts} experts, top {cfg.text.num_experts_per_tok}"]
 
 
 def train_program(config, devices) -> Program:
   _, state, batch, step, cfg, mesh = build_train(config, devices)
+  platform = devices[0].platform
   held = {"params": shard_bytes(state["params"]), "optimizer": shard_bytes(state["opt_state"]),
           "batch": shard_bytes(batch)}
-  return Program("train", lambda: step.lower(state, batch), held, moe_notes(cfg, mesh), dict(mesh.shape))
+  return Program("train", lambda: step.lower(state, batch), held, moe_notes(cfg, mesh, platform), dict(mesh.shape))
 
 
 def generate_program(config, devices, max_new_tokens: int) -> Program:
@@ -154,7 +159,7 @@ def generate_program(config, devices, max_new_tokens: int) -> Program:
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
   cache_bytes //= shards if d.batch_size % shards == 0 else 1  # the cache's batch follows the batch axes
   held = {"params": shard_bytes(params), "batch": shard_bytes(batch), "cache": cache_bytes}
-  return Program("generate", lower, held, moe_notes(cfg, mesh), dict(mesh.shape))
+  return Program("generate", lower, held, moe_notes(cfg, mesh, devices[0].platform), dict(mesh.shape))
 
 
 # ----------------------------------------------------------------------------- HLO reading
