@@ -12,6 +12,7 @@ figures in `gpu_specs.json`; TPUs by libtpu's own topology. Both real compilers 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -68,11 +69,26 @@ device_description_str: "{spec['name']}"
 
 def _tpu(name: str) -> Target:
   from jax.experimental import topologies
+  kind, _, shape = name.partition(":")
+  dims = [int(d) for d in shape.split("x")] if re.fullmatch(r"\d+(x\d+)*", shape) else []
+  if dims == [1]:
+    name = f"{kind}:1x1"  # one chip
+  kwargs = {}
+  if dims and len(dims) <= 3 and all(d <= 2 for d in dims):
+    # Slices smaller than a host's default chip bounds (a single chip, 2x1) need the host's bounds given.
+    kwargs["chips_per_host_bounds"] = tuple((dims + [1, 1, 1])[:3]) if dims != [1] else (1, 1, 1)
   try:
-    topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    try:
+      topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    except Exception:
+      if not kwargs:
+        raise
+      topology = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
   except Exception as e:  # no libtpu, or a name libtpu does not know
+    have_libtpu = importlib.util.find_spec("libtpu") is not None
     raise ValueError(f"--target={name}: cannot make a TPU topology ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                     "TPU targets need `pip install \"jax[tpu]\"` (libtpu)") from e
+                     + ("libtpu does not know this topology" if have_libtpu else
+                        "TPU targets need `pip install \"jax[tpu]\"` (libtpu)")) from e
   devices = tuple(topology.devices)
   kind = devices[0].device_kind
   gib = next((v for k, v in sorted(TPU_HBM_GIB.items(), key=lambda kv: -len(kv[0])) if kind.startswith(k)), None)
