@@ -26,15 +26,16 @@ Design notes
   skips the compute of the tail (the tail repeats the last listed index so the pipeline does not fetch anything
   new). The lists come from (a) the static causal / sliding-window / padding geometry (numpy, which also sets the
   grid's length to the longest list), (b) the block layout, and (c) for segment ids, per-block min/max ids,
-  computed on device: blocks whose id ranges do not overlap are dropped. The dk/dv kernel uses the transposed
+  computed on device: blocks whose id ranges do not overlap are dropped (``kernels.pallas_tpu_tables``). A call
+  whose tables would overflow SMEM (a long packed sequence) runs as several calls over query-row chunks, keys
+  cut at each chunk's last visible position under causal. The dk/dv kernel uses the transposed
   lists (per kv block, the q blocks that see it) and also walks the GQA group on an arbitrary axis so each kv
   head's dk/dv is accumulated in place. A row with no visible key ends with l = 0 and writes exactly 0 (lse 0).
 * Backward is a ``jax.custom_vjp``: the forward saves the log-sum-exp ([B, H, Lq] float32); dq and dk/dv are
   separate kernels that recompute p = exp(s - lse) (no atomics: each output block is owned by one grid row).
 * Platform gating: ``interpret=None`` runs compiled only when the target is a TPU (``kernels.target``: the mesh's
-  devices, else the default backend), or when
-  ``pltpu.force_tpu_interpret_mode`` is active), and otherwise raises NotImplementedError so the dispatcher falls
-  through. ``interpret=True`` (or an ``pltpu.InterpretParams``) runs the TPU interpreter on any platform; it
+  devices, else the default backend) or ``pltpu.force_tpu_interpret_mode`` is active, and otherwise raises
+  NotImplementedError so the dispatcher falls through. ``interpret=True`` (or an ``pltpu.InterpretParams``) runs the TPU interpreter on any platform; it
   fills unwritten buffers with NaN, so an output block the kernel forgets to write shows up in tests.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import target
+from kernels import pallas_tpu_tables as skip_tables, target
 
 F32 = jnp.float32
 NEG_INF = -float("inf")
@@ -57,7 +58,6 @@ LANES = 128
 SUBLANES = 8
 NT = (((1,), (1,)), ((), ()))  # a @ b.T without materialising the transpose
 PLATFORM = "tpu"
-SMEM_TABLE_BYTES = 256 * 1024  # per kernel call, of the 1 MiB SMEM (TPU v5e, v6e)
 
 
 class _Cfg(NamedTuple):
@@ -117,7 +117,7 @@ def pallas_tpu_attention(q, k, v, *, causal=False, segment_ids=None, sliding_win
   window = None if sliding_window is None else int(sliding_window)
   scale = float(d ** -0.5 if scale is None else scale)
 
-  vis = _static_visibility(causal, window, bq, bk, lq, lk, nq, nk)  # [nq, nk] numpy
+  vis = skip_tables.static_visibility(causal, window, bq, bk, lq, lk, nq, nk)  # [nq, nk] numpy
   layout_dyn = None
   if block_layout is not None:
     try:
@@ -141,34 +141,13 @@ def pallas_tpu_attention(q, k, v, *, causal=False, segment_ids=None, sliding_win
     pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
     segs = tuple(jnp.asarray(s, jnp.int32) for s in pair)
   bt = b if segs else 1
-  rows = _blocks_per_call(bt * ht, nq, nk, fwd_steps, bwd_steps)
+  rows = skip_tables.blocks_per_call(bt * ht, nq, nk, fwd_steps, bwd_steps)
   if rows < nq:
     return _in_row_chunks(rows * bq, q, k, v, causal=causal, segs=segs, sliding_window=window, scale=scale,
                           block_layout=block_layout, block_size=block_size, interpret=interpret, bq=bq, bk=bk)
   cfg = _Cfg(bool(causal), window, scale, bq, bk, lq, lk, lq_pad, lk_pad, hq // hkv, bt, ht,
              fwd_steps, bwd_steps, params)
   return _attention_jit(cfg, q, k, v, segs, vis, layout_dyn)
-
-
-def _blocks_per_call(lists: int, nq: int, nk: int, fwd_steps: int, bwd_steps: int) -> int:
-  """Query blocks one kernel call may take so each call's scalar-prefetched skip tables fit SMEM_TABLE_BYTES.
-
-  The tables are int32 [lists, nq, fwd_steps] (+ counts) and [lists, nk, bwd_steps]: a long packed sequence (the
-  vision tower's 32k patches a chip: 256 x 2048 blocks, 2 MiB) overflows the 1 MiB of SMEM, so such a call is
-  split along its query rows (both tables shrink with the rows a call takes).
-  """
-  def table_bytes(rows, f_steps, b_steps):
-    return 4 * lists * max(rows * (f_steps + 1), nk * (b_steps + 1))
-
-  if table_bytes(nq, fwd_steps, bwd_steps) <= SMEM_TABLE_BYTES:
-    return nq
-  rows = nq
-  while rows > 1 and table_bytes(rows, min(fwd_steps, nk), min(bwd_steps, rows)) > SMEM_TABLE_BYTES:
-    rows = -(-rows // 2)
-  if table_bytes(rows, min(fwd_steps, nk), min(bwd_steps, rows)) > SMEM_TABLE_BYTES:
-    raise NotImplementedError(f"Pallas TPU attention: skip tables for {nk} kv blocks x {lists} lists exceed "
-                              f"{SMEM_TABLE_BYTES} bytes of SMEM even one query block per call")
-  return rows
 
 
 def _in_row_chunks(rows, q, k, v, *, causal, segs, sliding_window, scale, block_layout, block_size, interpret, bq,
@@ -228,77 +207,6 @@ def _forced_interpret():
 
 def _round_up(x, m):
   return -(-x // m) * m
-
-
-# ----------------------------------------------------------------------------- skip tables
-
-def _static_visibility(causal, window, bq, bk, lq, lk, nq, nk):
-  """[nq, nk] bool: can block (i, j) hold a visible (query, key) pair? Exact for causal/window/padding.
-
-  Query row r (< lq) sits at position r + lk - lq. A q block spans positions [qlo, qhi], a kv block keys
-  [klo, khi]; causal needs klo <= qhi, the window (q - k < w) needs khi > qlo - w.
-  """
-  off = lk - lq
-  qlo = np.arange(nq) * bq + off
-  qhi = np.minimum(np.arange(1, nq + 1) * bq, lq) - 1 + off
-  klo = np.arange(nk) * bk
-  khi = np.minimum(np.arange(1, nk + 1) * bk, lk) - 1
-  vis = np.ones((nq, nk), bool)
-  if causal:
-    vis &= klo[None, :] <= qhi[:, None]
-  if window is not None:
-    vis &= khi[None, :] > qlo[:, None] - window
-  return vis
-
-
-def _segment_visibility(cfg, segs):
-  """[B, nq, nk] bool from per-block min/max segment ids (padding positions excluded): overlap => may see."""
-  big = jnp.iinfo(jnp.int32).max
-
-  def ranges(ids, length, padded, block):
-    ids = jnp.pad(ids, ((0, 0), (0, padded - length)))
-    valid = jnp.arange(padded) < length
-    lo = jnp.where(valid, ids, big).reshape(ids.shape[0], -1, block).min(-1)
-    hi = jnp.where(valid, ids, -big).reshape(ids.shape[0], -1, block).max(-1)
-    return lo, hi
-
-  qlo, qhi = ranges(segs[0], cfg.lq, cfg.lq_pad, cfg.bq)
-  klo, khi = ranges(segs[1], cfg.lk, cfg.lk_pad, cfg.bk)
-  return (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
-
-
-def _lists(vis, steps):
-  """vis [..., n] bool -> (idx [..., steps] int32, count [...] int32): visible indices first, in order.
-
-  Entries past the count repeat the last visible index (0 when none), so the pipeline re-uses the block it
-  already holds instead of fetching one that the kernel would skip anyway.
-  """
-  n = vis.shape[-1]
-  count = vis.sum(-1).astype(jnp.int32)
-  order = jnp.argsort(~vis, axis=-1, stable=True).astype(jnp.int32)
-  last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-  idx = jnp.where(jnp.arange(n) < count[..., None], order, last)
-  return idx[..., :steps], count
-
-
-def _tables(cfg, segs, vis, layout_dyn):
-  """Flattened (1-D, SMEM-friendly) forward lists [Bt, Ht, nq, ...] and transposed dk/dv lists."""
-  v = jnp.asarray(vis)[None]  # [1, Ht, nq, nk]
-  if layout_dyn is not None:
-    v = v & (layout_dyn if layout_dyn.ndim == 3 else layout_dyn[None])[None]
-  if segs is not None:
-    v = v & _segment_visibility(cfg, segs)[:, None]
-  v = jnp.broadcast_to(v, (cfg.bt, cfg.ht) + v.shape[2:])
-  fidx, fcnt = _lists(v, cfg.fwd_steps)
-  bidx, bcnt = _lists(jnp.swapaxes(v, -1, -2), cfg.bwd_steps)
-  return tuple(x.reshape(-1) for x in (fidx, fcnt, bidx, bcnt))
-
-
-def _row(cfg, b, h, i, n_rows):
-  """Flat index of list (b, h, i) in a table [Bt, Ht, n_rows]; tables broadcast over b / h when Bt / Ht = 1."""
-  bsel = b if cfg.bt > 1 else 0
-  hsel = h if cfg.ht > 1 else 0
-  return (bsel * cfg.ht + hsel) * n_rows + i
 
 
 # ----------------------------------------------------------------------------- in-kernel helpers
@@ -370,7 +278,7 @@ def _fwd_kernel(fidx_ref, fcnt_ref, *refs, cfg, has_segs, with_lse):
   (q_ref, k_ref, v_ref), (qid_ref, kid_ref), rest = _split_refs(refs, 3, has_segs)
   (o_ref, lse_ref), (m_scr, l_scr, acc_scr) = (rest[:2] if with_lse else (rest[0], None)), rest[-3:]
   b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = _row(cfg, b, h, qi, cfg.lq_pad // cfg.bq)
+  row = skip_tables.row(cfg, b, h, qi, cfg.lq_pad // cfg.bq)
 
   @pl.when(j == 0)
   def _init():
@@ -423,7 +331,7 @@ def _forward_call(cfg, q, k, v, seg_arrays, fidx, fcnt, with_lse):
   nq = cfg.lq_pad // cfg.bq
 
   def kv_block(b, h, i, j, fidx_ref, fcnt_ref):
-    return fidx_ref[_row(cfg, b, h, i, nq) * cfg.fwd_steps + j]
+    return fidx_ref[skip_tables.row(cfg, b, h, i, nq) * cfg.fwd_steps + j]
 
   q_map = lambda b, h, i, j, *_: (b, h, i, 0)
   kv_map = lambda b, h, i, j, *refs: (b, h // cfg.group, kv_block(b, h, i, j, *refs), 0)
@@ -458,7 +366,7 @@ def _dq_kernel(fidx_ref, fcnt_ref, *refs, cfg, has_segs):
   (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref), (qid_ref, kid_ref), (dq_ref, dq_scr) = _split_refs(
       refs, 6, has_segs)
   b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  row = _row(cfg, b, h, qi, cfg.lq_pad // cfg.bq)
+  row = skip_tables.row(cfg, b, h, qi, cfg.lq_pad // cfg.bq)
 
   @pl.when(j == 0)
   def _init():
@@ -485,7 +393,7 @@ def _dkv_kernel(bidx_ref, bcnt_ref, *refs, cfg, has_segs):
       _split_refs(refs, 6, has_segs))
   b, hk, kj, g, i = (pl.program_id(n) for n in range(5))
   h = hk * cfg.group + g
-  row = _row(cfg, b, h, kj, cfg.lk_pad // cfg.bk)
+  row = skip_tables.row(cfg, b, h, kj, cfg.lk_pad // cfg.bk)
 
   @pl.when((g == 0) & (i == 0))
   def _init():
@@ -523,7 +431,7 @@ def _backward_calls(cfg, q, k, v, do, lse, delta, seg_arrays, tables):
 
   # dq: same grid and lists as the forward.
   def kv_block(b, h, i, j, fidx_ref, fcnt_ref):
-    return fidx_ref[_row(cfg, b, h, i, nq) * cfg.fwd_steps + j]
+    return fidx_ref[skip_tables.row(cfg, b, h, i, nq) * cfg.fwd_steps + j]
 
   q_map = lambda b, h, i, j, *_: (b, h, i, 0)
   kv_map = lambda b, h, i, j, *refs: (b, h // cfg.group, kv_block(b, h, i, j, *refs), 0)
@@ -546,7 +454,7 @@ def _backward_calls(cfg, q, k, v, do, lse, delta, seg_arrays, tables):
 
   # dk/dv: grid (batch, kv head, kv block, group member, listed q block); the last two axes accumulate.
   def q_block(b, hk, j, g, i, bidx_ref, bcnt_ref):
-    return bidx_ref[_row(cfg, b, hk * cfg.group + g, j, nk) * cfg.bwd_steps + i]
+    return bidx_ref[skip_tables.row(cfg, b, hk * cfg.group + g, j, nk) * cfg.bwd_steps + i]
 
   qh_map = lambda b, hk, j, g, i, *refs: (b, hk * cfg.group + g, q_block(b, hk, j, g, i, *refs), 0)
   k_map = lambda b, hk, j, g, i, *_: (b, hk, j, 0)
@@ -608,6 +516,6 @@ def _attention_jit(cfg, q, k, v, segs, vis, layout_dyn):
     kid = jnp.pad(segs[1], ((0, 0), (0, cfg.lk_pad - cfg.lk)))
     seg_arrays = (jnp.broadcast_to(qid[:, :, None], qid.shape + (LANES,)),
                   jnp.broadcast_to(kid[:, None, :], (kid.shape[0], SUBLANES, kid.shape[1])))
-  tables = _tables(cfg, segs, vis, layout_dyn)
+  tables = skip_tables.tables(cfg, segs, vis, layout_dyn)
   out = _core(cfg, qk, kk, vk, seg_arrays, tables)
   return jnp.swapaxes(out, 1, 2)[:, :cfg.lq, :, :d]

@@ -91,7 +91,7 @@ def per_device(fn: Callable, q, k, v, *, sequence_sharded: bool = False, segment
   if block_layout is not None:
     layout_rows = r if sequence_sharded else None
     layout_spec = P(h, layout_rows) if np.ndim(block_layout) == 3 else P(layout_rows)
-    if layout_spec == P() and isinstance(block_layout, np.ndarray):
+    if all(a is None for a in layout_spec) and isinstance(block_layout, np.ndarray):
       static_layout = block_layout  # unsplit and concrete: stays compile-time metadata for the kernels
     else:
       args.append(jax.numpy.asarray(block_layout))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import pallas_tpu_attention as tpu_kernel
+from kernels import pallas_tpu_attention as tpu_kernel, pallas_tpu_tables as skip_tables
 from kernels.xla_attention import xla_attention
 from targets_util import need, one_device_mesh
 
@@ -118,8 +118,8 @@ def test_tpu_kernel_splits_calls_whose_skip_tables_overflow_smem(monkeypatch, ca
   whole = f(q, k, v)
   g_whole = jax.grad(lambda *a: (f(*a) ** 2).sum(), (0, 1, 2))(q, k, v)
   lists = 2 if use_segments else 1  # skip tables per (batch, head): per example with segment ids
-  monkeypatch.setattr(tpu_kernel, "SMEM_TABLE_BYTES", 4 * lists * 4 * 2)  # one query block (of 3) per call
-  assert tpu_kernel._blocks_per_call(lists, 3, 4, 4, 3) == 1
+  monkeypatch.setattr(skip_tables, "SMEM_TABLE_BYTES", 4 * lists * 4 * 2)  # one query block (of 3) per call
+  assert skip_tables.blocks_per_call(lists, 3, 4, 4, 3) == 1
   split = f(q, k, v)
   g_split = jax.grad(lambda *a: (f(*a) ** 2).sum(), (0, 1, 2))(q, k, v)
   np.testing.assert_allclose(split, whole, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import pallas_tpu_attention as pta
+from kernels import pallas_tpu_attention as pta, pallas_tpu_tables as skip_tables
 from kernels.pallas_tpu_attention import pallas_tpu_attention
 
 POISON = pltpu.InterpretParams(uninitialized_memory="nan")
@@ -178,17 +178,17 @@ def test_skipped_blocks_are_not_computed():
 def test_skip_tables():
   """Lists are exact for causal / window geometry and shrink with block-aligned segments."""
   cfg_args = dict(causal=True, window=None, bq=32, bk=32, lq=203, lk=203, nq=7, nk=7)
-  vis = pta._static_visibility(**cfg_args)
+  vis = skip_tables.static_visibility(**cfg_args)
   np.testing.assert_array_equal(vis, np.tril(np.ones((7, 7), bool)))
-  vis_w = pta._static_visibility(True, 40, 32, 32, 203, 203, 7, 7)
+  vis_w = skip_tables.static_visibility(True, 40, 32, 32, 203, 203, 7, 7)
   assert vis_w.sum(-1).max() == 3  # a 40-token window touches at most 3 blocks of 32
-  idx, cnt = pta._lists(jnp.asarray(vis_w), 3)
+  idx, cnt = skip_tables.lists(jnp.asarray(vis_w), 3)
   np.testing.assert_array_equal(cnt, [1, 2, 3, 3, 3, 3, 3])
   np.testing.assert_array_equal(idx[1], [0, 1, 1])  # tail repeats the last listed block: nothing new fetched
   np.testing.assert_array_equal(idx[3], [1, 2, 3])
   cfg = pta._Cfg(False, None, 1.0, 16, 16, 64, 64, 64, 64, 1, 1, 1, 4, 4, None)
   ids = jnp.asarray(np.repeat([[1, 2, 3, 0]], 16, 1))
-  seg_vis = pta._segment_visibility(cfg, (ids, ids))
+  seg_vis = skip_tables.segment_visibility(cfg, (ids, ids))
   np.testing.assert_array_equal(seg_vis[0], np.eye(4, dtype=bool))
 
 
