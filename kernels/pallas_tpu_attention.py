@@ -35,8 +35,9 @@ Design notes
   separate kernels that recompute p = exp(s - lse) (no atomics: each output block is owned by one grid row).
 * Platform gating: ``interpret=None`` runs compiled only when the target is a TPU (``kernels.target``: the mesh's
   devices, else the default backend) or ``pltpu.force_tpu_interpret_mode`` is active, and otherwise raises
-  NotImplementedError so the dispatcher falls through. ``interpret=True`` (or an ``pltpu.InterpretParams``) runs the TPU interpreter on any platform; it
-  fills unwritten buffers with NaN, so an output block the kernel forgets to write shows up in tests.
+  NotImplementedError so the dispatcher falls through. ``interpret=True`` (or an ``pltpu.InterpretParams``) runs
+  the TPU interpreter on any platform; it fills unwritten buffers with NaN, so an output block the kernel forgets
+  to write shows up in tests.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def pallas_tpu_attention(q, k, v, *, causal=False, segment_ids=None, sliding_win
 
 def _in_row_chunks(rows, q, k, v, *, causal, segs, sliding_window, scale, block_layout, block_size, interpret, bq,
                    bk):
-  """The call as several calls over `rows` query rows each (see _blocks_per_call), outputs concatenated.
+  """The call as several calls over `rows` query rows each (see skip_tables.blocks_per_call), outputs concatenated.
 
   Query row r sits at position r + Lk - Lq; a chunk [r0, r1) keeps that by taking the keys up to Lk - Lq + r1
   under causal (the later ones are invisible to it anyway), the layout's rows of its blocks and their columns.

@@ -13,7 +13,7 @@ ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
 def _mesh_device():
-  """The abstract device of the mesh set with ``jax.set_mesh`` (platform, device_kind), None without one."""
+  """The abstract device of the mesh set with ``jax.set_mesh`` (its platform), None without one."""
   mesh = jax.sharding.get_abstract_mesh()  # readable inside jit, unlike jax.sharding.get_mesh()
   if mesh.empty:
     return None
@@ -26,8 +26,3 @@ def target_platform() -> str:
   name = device.platform if device is not None else jax.default_backend()
   return ALIASES.get(name, name)
 
-
-def target_device_kind() -> str:
-  """The device kind the program is for ("TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu", ...)."""
-  device = _mesh_device()
-  return (device if device is not None else jax.devices()[0]).device_kind

@@ -67,28 +67,43 @@ def prepare_config(config, platform: str):
   return config
 
 
-def build_train(config, devices):
-  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh) for `config` on `devices`."""
+def _abstract_model(config, devices):
+  """(model config, mesh, graphdef, abstract state, abstract params with their shardings) on `devices`."""
   from flax import nnx
   from qwen3vl import sharding
-  from qwen3vl.data.packing import batch_shapes
   from qwen3vl.model.vlm import Qwen3VL
   from qwen3vl.train import trainer
-  from qwen3vl.train.optim import make_optimizer
 
   cfg = trainer.model_config(config)
   mesh = sharding.make_mesh(config.mesh, list(devices))
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
   params = abstract(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
+  return cfg, mesh, graphdef, state, params
+
+
+def _abstract_batch(config, cfg, mesh, drop=()) -> dict:
+  """The Packer's batch for `config.data` as ShapeDtypeStructs with their shardings (keys in `drop` left out)."""
+  from qwen3vl import sharding
+  from qwen3vl.data.packing import batch_shapes
+  d = config.data
+  shapes = {k: v for k, v in batch_shapes(d.batch_size, d.max_length, d.max_patches, cfg.vision.patch_dim).items()
+            if k not in drop}
+  placed = sharding.batch_shardings({k: shape for k, (shape, _) in shapes.items()}, mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k]) for k, (shape, dtype) in shapes.items()}
+
+
+def build_train(config, devices):
+  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh) for `config` on `devices`."""
+  from qwen3vl.train import trainer
+  from qwen3vl.train.optim import make_optimizer
+
+  cfg, mesh, graphdef, _, params = _abstract_model(config, devices)
   tx = make_optimizer(config.optim, config.train.steps, params)
   shardings = trainer.state_shardings(params, tx, mesh, config)
   train_state = abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params),
                           "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)},
                          shardings)
-  d = config.data
-  shapes = batch_shapes(d.batch_size, d.max_length, d.max_patches, cfg.vision.patch_dim)
-  placed = sharding.batch_shardings({k: shape for k, (shape, _) in shapes.items()}, mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k]) for k, (shape, dtype) in shapes.items()}
+  batch = _abstract_batch(config, cfg, mesh)
   return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh
 
 
@@ -100,9 +115,12 @@ def moe_notes(cfg, mesh, platform: str) -> list[str]:
   axes = [a for a in sharding.BATCH if mesh.shape[a] > 1]
   if cfg.moe_impl == "dense":
     return [f"moe: dense reference path ({cfg.text.num_experts} experts on every token)"]
-  where = (f"per device in a shard_map over {axes}" + (", experts split over 'expert'" if mesh.shape["expert"] > 1
-                                                        and cfg.text.num_experts % mesh.shape["expert"] == 0
-                                                        else ", every expert on every device")) if axes else "one device"
+  if not axes:
+    where = "one device"
+  elif mesh.shape["expert"] > 1 and cfg.text.num_experts % mesh.shape["expert"] == 0:
+    where = f"per device in a shard_map over {axes}, experts split over 'expert'"
+  else:
+    where = f"per device in a shard_map over {axes}, every expert on every device"
   # What the compilers make of ragged_dot (jax 0.10.2): XLA:TPU a grouped-matmul kernel, XLA:GPU and XLA:CPU
   # every expert over every token copy (found in the optimized HLO: [experts, copies, width] masks).
   lowered = {"tpu": "a grouped-matmul kernel", "gpu": "expanded to every expert by XLA:GPU",
@@ -124,26 +142,18 @@ def generate_program(config, devices, max_new_tokens: int) -> Program:
   image patches, then the decode loop) on the abstract model, parameters placed by the sharding rules."""
   from flax import nnx
   from qwen3vl import sharding
-  from qwen3vl.data.packing import batch_shapes, to_model_inputs
+  from qwen3vl.data.packing import to_model_inputs
   gen = importlib.import_module("qwen3vl.infer.generate")  # the module (the package exports the function)
   from qwen3vl.infer.sampling import Sampling
   from qwen3vl.model.vlm import Qwen3VL
-  from qwen3vl.train import trainer
 
-  cfg = trainer.model_config(config)
-  mesh = sharding.make_mesh(config.mesh, list(devices))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
-  params = abstract(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
+  cfg, mesh, graphdef, state, params = _abstract_model(config, devices)
   nnx.replace_by_pure_dict(state, params)
   d = config.data
-  shapes = {k: v for k, v in batch_shapes(d.batch_size, d.max_length, d.max_patches, cfg.vision.patch_dim).items()
-            if k not in ("targets", "loss_mask")}
-  placed = sharding.batch_shardings({k: shape for k, (shape, _) in shapes.items()}, mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k]) for k, (shape, dtype) in shapes.items()}
-  rows = sharding.batch_sharding(mesh, 1) if d.batch_size % math.prod(mesh.shape[a] for a in sharding.BATCH) == 0 \
-      else sharding.replicated(mesh)
+  batch = _abstract_batch(config, cfg, mesh, drop=("targets", "loss_mask"))
   mask = jax.ShapeDtypeStruct((d.batch_size, d.max_length), np.int32, sharding=batch["input_ids"].sharding)
-  advance = jax.ShapeDtypeStruct((d.batch_size,), np.int32, sharding=rows)
+  advance = jax.ShapeDtypeStruct((d.batch_size,), np.int32,
+                                 sharding=sharding.batch_shardings({"advance": (d.batch_size,)}, mesh)["advance"])
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   stop_ids = jax.ShapeDtypeStruct((1,), np.int32, sharding=sharding.replicated(mesh))
   size = d.max_length + int(max_new_tokens)
@@ -172,27 +182,30 @@ def _strip_layout(shape: str) -> str:
   return re.sub(r"\{[^}]*\}", "", shape)
 
 
-def kernel_calls(hlo_text: str) -> list[dict]:
-  """Every custom kernel call in optimized HLO: {"kind", "name", "operands": [shape...], "outputs": shape,
-  "producers": [opcode of each operand's producer]} (shapes are per device: the HLO is the partitioned module)."""
-  shapes, opcodes, calls = {}, {}, []
+def parse_instructions(hlo_text: str) -> dict:
+  """{name: (shape without layout, opcode, operand names, rest of the line)} of every instruction in HLO text."""
+  out = {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
-    if not m:
-      continue
-    name, shape, opcode, operands, rest = m.groups()
-    shapes[name], opcodes[name] = _strip_layout(shape), opcode
+    if m:
+      name, shape, opcode, operands, rest = m.groups()
+      out[name] = (_strip_layout(shape), opcode, re.findall(r"%([\w.\-]+)", operands), rest)
+  return out
+
+
+def kernel_calls(instructions: dict) -> list[dict]:
+  """Every custom kernel call of `parse_instructions`' result: {"kind", "name", "operand_names", "operands":
+  [shape...], "outputs": shape} (shapes are per device: the optimized HLO is the partitioned module)."""
+  calls = []
+  for name, (shape, opcode, operand_names, rest) in instructions.items():
     if opcode != "custom-call":
       continue
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     kind = next((v for k, v in KERNEL_TARGETS.items() if target and target[1].startswith(k)), None)
-    if kind is None:
-      continue
-    names = re.findall(r"%([\w.\-]+)", operands)
-    calls.append({"kind": kind, "name": name, "operand_names": names, "outputs": _strip_layout(shape)})
-  for call in calls:
-    call["operands"] = [shapes.get(n, "?") for n in call["operand_names"]]
-    call["producers"] = [opcodes.get(n, "?") for n in call["operand_names"]]
+    if kind is not None:
+      operands = [instructions[n][0] if n in instructions else "?" for n in operand_names]
+      calls.append({"kind": kind, "name": name, "operand_names": operand_names, "operands": operands,
+                    "outputs": shape})
   return calls
 
 
@@ -201,19 +214,14 @@ def tensor_operands(call: dict) -> list[str]:
   return [s for s in call["operands"] if re.match(r"(bf16|f16|f32|f8\w*)\[", s)]
 
 
-def feeding_ops(hlo_text: str, operand: str, depth: int = 6) -> set[str]:
+def feeding_ops(instructions: dict, operand: str, depth: int = 6) -> set[str]:
   """Opcodes on the way up from instruction `operand` through layout-only ops (bitcast, copy, reshape,
   transpose, get-tuple-element), to tell whether e.g. an all-gather feeds a kernel."""
-  defs = {}
-  for line in hlo_text.splitlines():
-    m = _INSTR.match(line)
-    if m:
-      defs[m[1]] = (m[3], re.findall(r"%([\w.\-]+)", m[4]))
   seen, frontier = set(), [operand]
   for _ in range(depth):
     nxt = []
     for n in frontier:
-      op, args = defs.get(n, ("?", []))
+      _, op, args, _ = instructions.get(n, (None, "?", [], ""))
       seen.add(op)
       if op in ("bitcast", "copy", "reshape", "transpose", "get-tuple-element", "copy-start", "copy-done"):
         nxt += args
@@ -262,7 +270,7 @@ def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None
                  + mem.temp_size_in_bytes)
   row["fits"] = hbm_bytes is None or row["peak"] <= hbm_bytes
   text = compiled.as_text()
-  row["kernels"] = kernel_calls(text)
+  row["kernels"] = kernel_calls(parse_instructions(text))
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
     with open(os.path.join(hlo_dir, f"{program.name}.hlo.txt"), "w") as f:
@@ -321,7 +329,7 @@ def run(config, target, steps, max_new_tokens: int = 64, hlo_dir: str | None = N
 def _grouped_matmul_stand_in(x, w, group_sizes):
   """Same shapes in and out as `jax.lax.ragged_dot(x [m, k], w [E, k, n], group_sizes)`, and a gradient of w's
   full [E, k, n] shape, as one matmul with expert 0: XLA:CPU expands ragged_dot to every expert ([E, m, ...]
-  temporaries) where GPU and TPU run a grouped matmul; on cpu:N only the memory arithmetic matters."""
+  temporaries) where XLA:TPU runs a grouped matmul; on cpu:N only the memory arithmetic matters."""
   del group_sizes
   return x @ w[0]
 

@@ -7,12 +7,13 @@
 A remat-preset sweep over `qwen3vl.tools.compile`'s train program (one way to build the abstract state and
 compile: `compile.build_train`): for `--devices` simulated CPU devices with the `--target` hardware overlay
 (default gpu: bfloat16 compute, ragged MoE), once per remat preset; nothing is allocated. For the real TPU / GPU
-compilers, use `python -m qwen3vl.tools.compile --target=v5e:2x4|h100:8 --config.model.remat=...`. Parameters, optimizer state and the batch are counted from
-their shardings, temporaries come from the compiled module's memory analysis. XLA:CPU drops host-offload
-annotations, so for `minimal_offload` the tensors the policy sends to pinned host memory (counted per layer with
-`jax.ad_checkpoint.saved_residuals`) are subtracted from the temporaries: that row is an estimate. XLA:CPU also
-expands `ragged_dot` to every expert ([experts, tokens, ...] temporaries) where GPU and TPU run a grouped matmul,
-so the ragged MoE path is compiled with a stand-in of the same shapes (`_grouped_matmul_stand_in`).
+compilers, use `python -m qwen3vl.tools.compile --target=v5e:2x4|h100:8 --config.model.remat=...`. Parameters,
+optimizer state and the batch are counted from their shardings, temporaries come from the compiled module's memory
+analysis. XLA:CPU drops host-offload annotations, so for `minimal_offload` the tensors the policy sends to pinned
+host memory (counted per layer with `jax.ad_checkpoint.saved_residuals`) are subtracted from the temporaries: that
+row is an estimate. XLA:CPU also expands `ragged_dot` to every expert ([experts, tokens, ...] temporaries) where
+XLA:TPU runs a grouped matmul, so the ragged MoE path is compiled with the compile tool's stand-in of the same
+shapes (`compile.grouped_matmul_as_on_accelerators`; XLA:GPU expands it like XLA:CPU, see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
