@@ -108,7 +108,7 @@ def main():
 def measure_mod(args):
   import jax
   from flax import nnx
-  from configs.moe import get_config
+  from qwen3vl.configs.moe import get_config
   from qwen3vl import hardware
   from qwen3vl.data.tokenizer import Tokenizer
   from qwen3vl.model.vlm import Qwen3VL

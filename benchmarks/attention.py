@@ -35,15 +35,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import dispatch  # noqa: E402
+from qwen3vl import kernels  # noqa: E402
+from qwen3vl.kernels import dispatch  # noqa: E402
 
 IMPLEMENTATIONS = ("cudnn", "pallas_gpu", "triton", "xla", "pallas_tpu")
 # Modules to call directly when a name is not (yet) registered with the dispatcher: (module, function).
-DIRECT = {"cudnn": ("kernels.cudnn_attention", "cudnn_attention"),
-          "triton": ("kernels.triton_attention", "triton_attention"),
-          "pallas_gpu": ("kernels.pallas_gpu_attention", "pallas_gpu_attention"),
-          "pallas_tpu": ("kernels.pallas_tpu_attention", "pallas_tpu_attention")}
+DIRECT = {"cudnn": ("qwen3vl.kernels.cudnn_attention", "cudnn_attention"),
+          "triton": ("qwen3vl.kernels.triton_attention", "triton_attention"),
+          "pallas_gpu": ("qwen3vl.kernels.pallas_gpu_attention", "pallas_gpu_attention"),
+          "pallas_tpu": ("qwen3vl.kernels.pallas_tpu_attention", "pallas_tpu_attention")}
 BACKWARD_FACTOR = 2.5
 
 
@@ -190,7 +190,7 @@ def random_layout(nq, nk, density, rng):
 
 def bench_block_sparse(args, record):
   try:
-    from kernels.block_sparse import block_sparse_attention
+    from qwen3vl.kernels.block_sparse import block_sparse_attention
   except ImportError as e:
     record(dict(kind="block_sparse_skip", impl="-", note=f"kernels.block_sparse unavailable: {e}"))
     print(f"# block-sparse: skipped ({e})", flush=True)

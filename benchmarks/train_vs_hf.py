@@ -96,7 +96,7 @@ def our_step(path: str, samples, lr: float, moe_impl: str = "blocked", scan_laye
   import jax.numpy as jnp
   from flax import nnx
 
-  from configs import dense
+  from qwen3vl.configs import dense
   from qwen3vl import hf
   from qwen3vl.data.packing import Packer
   from qwen3vl.train import trainer

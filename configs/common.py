@@ -7,7 +7,7 @@ so anything set on the command line wins over the overlay.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs import models
+from qwen3vl.configs import models
 
 
 
@@ -16,8 +16,22 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.hardware = "auto"  # auto | cpu | gpu | tpu
-  c.init_from_hf = placeholder(str)  # a HF checkpoint directory to fine-tune (its config.json defines the model)
-  c.tokenizer = placeholder(str)  # a HF tokenizer.json; None = the built-in byte-level tokenizer
+  # The weights to start from: a HF Qwen3-VL directory or a train.py work directory (its architecture replaces
+  # the preset's; its tokenizer.json is used unless `tokenizer` is set). init_from_hf: the older name.
+  c.init_from = placeholder(str)
+  c.init_from_hf = placeholder(str)
+  c.tokenizer = placeholder(str)  # a HF tokenizer.json; None = init_from's, else the built-in byte-level tokenizer
+
+  # LoRA (qwen3vl/model/lora.py): rank 0 = full fine-tuning. Only the adapters train and are checkpointed; the
+  # base stays frozen as `base`: float32, bfloat16, or int8 / nf4 codes (QLoRA; needs init_from). targets:
+  # names or groups of qwen3vl.model.lora (llm = every decoder projection and the experts; attention, mlp,
+  # experts, vision, merger, q_proj, ...).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.0
+  c.lora.targets = "llm"
+  c.lora.base = "bfloat16"
 
   c.model = models.get_config(preset)
   c.model.dtype = placeholder(str)  # compute dtype; overlay: float32 on CPU, bfloat16 on GPU/TPU

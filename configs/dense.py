@@ -1,6 +1,6 @@
 """Qwen3-VL dense training. `--config=configs/dense.py` = tiny dense model on the built-in synthetic data;
-`--config=configs/dense.py:2b` (4b, 8b, 32b) = the released architectures (add --config.init_from_hf=DIR)."""
-from configs.common import training_config
+`--config=configs/dense.py:2b` (4b, 8b, 32b) = the released architectures (add --config.init_from=DIR)."""
+from qwen3vl.configs.common import training_config
 
 
 def get_config(arg: str = "tiny"):

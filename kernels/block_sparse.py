@@ -5,8 +5,8 @@ dispatcher sit below the implementations, and this module above the dispatcher.
 """
 from __future__ import annotations
 
-from kernels import dispatch
-from kernels.layouts import check_layout, dynamic_topk_layout
+from qwen3vl.kernels import dispatch
+from qwen3vl.kernels.layouts import check_layout, dynamic_topk_layout
 
 
 def block_sparse_attention(q, k, v, block_layout, *, block_size, causal=False, segment_ids=None, sliding_window=None,

@@ -32,7 +32,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import jax.numpy as jnp
 
-from kernels import partition, target
+from qwen3vl.kernels import partition, target
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import target
+from qwen3vl.kernels import target
 
 try:  # The Triton-specific compiler params; gone once jax drops the Triton lowering.
   from jax.experimental.pallas import triton as _pltriton

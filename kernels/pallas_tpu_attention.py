@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import pallas_tpu_tables as skip_tables, target
+from qwen3vl.kernels import pallas_tpu_tables as skip_tables, target
 
 F32 = jnp.float32
 NEG_INF = -float("inf")

@@ -44,7 +44,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels import target
+from qwen3vl.kernels import target
 
 MAX_HEAD_DIM = 128
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -289,7 +289,7 @@ def _flash_bwd_rule(cfg, res, dout):
 def backward(q, k, v, out, lse, dout, **kw):
   """(dq, dk, dv): the Pallas GPU backward when available, else the XLA reference's VJP (see module doc)."""
   try:
-    from kernels import pallas_gpu_attention as pallas
+    from qwen3vl.kernels import pallas_gpu_attention as pallas
   except ImportError:
     pallas = None
   from_residuals = getattr(pallas, "attention_bwd", None)
@@ -305,7 +305,7 @@ def backward(q, k, v, out, lse, dout, **kw):
       return vjp(dout)
     except NotImplementedError:
       pass
-  from kernels.xla_attention import xla_attention
+  from qwen3vl.kernels.xla_attention import xla_attention
   _, vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, **kw), q, k, v)
   return vjp(dout)
 

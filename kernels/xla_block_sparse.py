@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels.layouts import check_layout, layout_to_lists
+from qwen3vl.kernels.layouts import check_layout, layout_to_lists
 
 F32 = jnp.float32
 NEG_INF = -jnp.inf

@@ -16,7 +16,8 @@ from qwen3vl.model import remat
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "vision_block_size", "remat",
-                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision", "vision_token_ratio")
+                  "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision", "vision_token_ratio",
+                  "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_quant")
 PRECISION_PARTS = ("vision", "decoder", "head")
 PRECISION_DTYPES = ("float32", "bfloat16", "float16", "float8")
 
@@ -120,12 +121,26 @@ class ModelConfig:
   # Vision-token merging (model/token_merge.py): the fraction of each frame's visual tokens the LLM sees, similar
   # neighbours merged on device; the prompt holds that many pad tokens per frame. 1.0 = off (exact).
   vision_token_ratio: float = 1.0
+  # LoRA (model/lora.py): adapters of this rank on the named weights (`lora.TARGETS` names or groups), scaled by
+  # alpha / rank; 0 = none. `base_quant`: the frozen base's projections and experts held as "int8" or "nf4"
+  # codes (model/quant.py); "" = in param_dtype.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
+  base_quant: str = ""
 
   def precision_of(self, part: str) -> tuple[str, bool]:
     """(activation dtype, float8 matmuls?) of a part: vision, decoder or head."""
     chosen = dict(item.split("=") for item in filter(None, self.precision.replace(" ", "").split(",")))
     name = chosen.get(part, self.dtype)
     return (self.dtype, True) if name == "float8" else (name, False)
+
+  @property
+  def lora_spec(self):
+    """The LoRA adapters' spec, or None without adapters."""
+    from qwen3vl.model.lora import LoraSpec
+    return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) if self.lora_rank else None
 
   @property
   def model_type(self) -> str:
@@ -183,6 +198,17 @@ class ModelConfig:
       remat.parse_custom(self.remat_custom)
     except ValueError as e:
       _check(False, "remat_custom", str(e))
+    _check(self.lora_rank >= 0, "lora_rank", f"{self.lora_rank} must be >= 0")
+    _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"{self.lora_dropout} must be in [0, 1)")
+    if self.lora_rank:
+      from qwen3vl.model.lora import parse_targets
+      try:
+        _check(parse_targets(self.lora_targets) == tuple(self.lora_targets), "lora_targets",
+               f"{self.lora_targets} must be target names in the order of qwen3vl.model.lora.TARGETS")
+      except ValueError as e:
+        _check(False, "lora_targets", str(e))
+      _check(bool(self.lora_targets), "lora_targets", "LoRA needs at least one target")
+    _check(self.base_quant in ("", "int8", "nf4"), "base_quant", f"{self.base_quant!r} is not '', 'int8' or 'nf4'")
     _check(self.vision_block_size >= 0, "vision_block_size", f"{self.vision_block_size} must be >= 0")
     return self
 

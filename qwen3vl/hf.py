@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -135,8 +136,16 @@ def load_pretrained(path: str, dtype: str | None = None, **runtime) -> Qwen3VL:
   if dtype is not None:
     runtime = {"dtype": dtype, "param_dtype": dtype, **runtime}
   cfg = ModelConfig.from_pretrained(path, **runtime)
-  abstract = nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, read_params(path, cfg)))
+  return nnx.merge(graphdef, state)
+
+
+def read_params(path: str, cfg: ModelConfig) -> dict:
+  """The parameters of a HF directory as host (numpy) arrays in a pure dict shaped like `cfg`'s model without
+  adapters (`nnx.to_pure_dict`), in `cfg.param_dtype`; nothing goes to a device."""
+  cfg = cfg.replace(lora_rank=0, base_quant="")
+  state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))[1]
   reader = _Reader(path)
   used, missing, flat = set(), [], []
   for key, var in nnx.to_flat_state(state):
@@ -152,7 +161,7 @@ def load_pretrained(path: str, dtype: str | None = None, **runtime) -> Qwen3VL:
       x = _to_ours(reader.get(name), kind, leaf.shape[1:] if stacked else leaf.shape, name)
       out[i if stacked else ...] = x
       used.add(name)
-    flat.append((key, var.replace(jnp.asarray(out))))
+    flat.append((key, var.replace(out)))
   if missing:
     hint = (" (the config says the LM head is untied, so lm_head.weight must be present)"
             if "lm_head.weight" in missing else "")
@@ -161,7 +170,7 @@ def load_pretrained(path: str, dtype: str | None = None, **runtime) -> Qwen3VL:
                       and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
   if unexpected:
     raise ValueError(f"checkpoint {path!r} has {len(unexpected)} unexpected tensor(s): {unexpected[:10]}")
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
 def save_pretrained(model: Qwen3VL, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:

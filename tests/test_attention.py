@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import dispatch
-from kernels.xla_attention import xla_attention
+from qwen3vl import kernels
+from qwen3vl.kernels import dispatch
+from qwen3vl.kernels.xla_attention import xla_attention
 
 
 def _segments(rows, length):
@@ -173,7 +173,7 @@ def test_fallback_ladder_and_logging(monkeypatch, caplog):
   kernels.register_implementation("fake_kernel", declines)
   assert kernels.implementations() == ("fake_kernel", "xla")
   q, k, v, _ = _inputs(1, 3, 3, 2, 2, 64)
-  with caplog.at_level(logging.DEBUG, logger="kernels.dispatch"):
+  with caplog.at_level(logging.DEBUG, logger="qwen3vl.kernels.dispatch"):
     out = kernels.attention(q, k, v)
     kernels.attention(q, k, v)  # same (shape, dtype, name): logged once
   np.testing.assert_allclose(out, kernels.attention(q, k, v, implementation="xla"), rtol=1e-6)

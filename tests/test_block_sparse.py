@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
-import kernels
-from kernels import dispatch
-from kernels.block_sparse import block_sparse_attention, dynamic_sparse_attention
-from kernels.layouts import (causal_layout, dynamic_topk_layout, layout_to_lists, num_blocks, segment_layout,
+from qwen3vl import kernels
+from qwen3vl.kernels import dispatch
+from qwen3vl.kernels.block_sparse import block_sparse_attention, dynamic_sparse_attention
+from qwen3vl.kernels.layouts import (causal_layout, dynamic_topk_layout, layout_to_lists, num_blocks, segment_layout,
                              sliding_window_layout)
-from kernels.xla_block_sparse import xla_block_sparse_attention
+from qwen3vl.kernels.xla_block_sparse import xla_block_sparse_attention
 
 
 # ----------------------------------------------------------------------------- references

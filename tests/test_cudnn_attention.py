@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cudnn_attention as ca
-from kernels.xla_attention import xla_attention
+from qwen3vl.kernels import cudnn_attention as ca
+from qwen3vl.kernels.xla_attention import xla_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 

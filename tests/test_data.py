@@ -409,7 +409,7 @@ def test_packed_batch_gives_per_sample_logits():
     import jax
     from flax import nnx
 
-    from configs import models
+    from qwen3vl.configs import models
     from qwen3vl.config import ModelConfig
     from qwen3vl.model.vlm import Qwen3VL
 

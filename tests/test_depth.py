@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.infer import generate
 from qwen3vl.model import depth

@@ -5,7 +5,7 @@ sequence: layer 0 only reads layer 0's cache, which an exit never changes); dept
 import numpy as np
 import pytest
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.infer import generate
 from qwen3vl.model.inputs import prepare_inputs

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import moe
+from qwen3vl.configs import moe
 from qwen3vl.data.synthetic import make_record
 from qwen3vl.infer.assistant import Assistant, user_turn
 from qwen3vl.train import trainer

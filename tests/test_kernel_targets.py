@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import pallas_tpu_attention as tpu_kernel, pallas_tpu_tables as skip_tables
-from kernels.xla_attention import xla_attention
+from qwen3vl import kernels
+from qwen3vl.kernels import pallas_tpu_attention as tpu_kernel, pallas_tpu_tables as skip_tables
+from qwen3vl.kernels.xla_attention import xla_attention
 from targets_util import need, one_device_mesh
 
 # (mask, head_dim, dtype, kv heads): every mask kind meets every head dim once, dtypes and GQA alternate.
@@ -130,7 +130,7 @@ def test_tpu_kernel_splits_calls_whose_skip_tables_overflow_smem(monkeypatch, ca
 def test_gpu_kernel_tiles_large_layout_blocks():
   """A layout of 128-token blocks runs as 64-token tiles (shared memory): values equal the XLA block-sparse
   reference on a per-head layout over a partial last block."""
-  from kernels.xla_block_sparse import xla_block_sparse_attention
+  from qwen3vl.kernels.xla_block_sparse import xla_block_sparse_attention
   q, k, v, _ = _inputs(lq=300, lk=300, d=16)
   rng = np.random.default_rng(1)
   layout = rng.random((4, 3, 3)) < 0.6

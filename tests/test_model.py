@@ -98,7 +98,7 @@ def test_scanned_equals_unscanned(inputs, loaded):
 
 
 def test_ragged_and_blocked_moe_equal_dense_moe():
-  from configs import models
+  from qwen3vl.configs import models
   from qwen3vl.model.moe import MoE
   cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict())
   h = jax.random.normal(jax.random.key(0), (2, 37, cfg.text.hidden_size))  # 74 rows x top-2: uneven groups

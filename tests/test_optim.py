@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import moe
+from qwen3vl.configs import moe
 from qwen3vl.train.optim import make_optimizer, param_group
 
 PARAMS = {

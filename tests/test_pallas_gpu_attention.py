@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.pallas_gpu_attention import attention_bwd, pallas_gpu_attention
+from qwen3vl.kernels.pallas_gpu_attention import attention_bwd, pallas_gpu_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 

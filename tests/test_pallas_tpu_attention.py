@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import pallas_tpu_attention as pta, pallas_tpu_tables as skip_tables
-from kernels.pallas_tpu_attention import pallas_tpu_attention
+from qwen3vl.kernels import pallas_tpu_attention as pta, pallas_tpu_tables as skip_tables
+from qwen3vl.kernels.pallas_tpu_attention import pallas_tpu_attention
 
 POISON = pltpu.InterpretParams(uninitialized_memory="nan")
 

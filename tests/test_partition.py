@@ -16,10 +16,10 @@ SCRIPT = r"""
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp, numpy as np
-import kernels
-from kernels import partition
-from kernels.xla_attention import xla_attention
-from kernels.xla_block_sparse import xla_block_sparse_attention
+from qwen3vl import kernels
+from qwen3vl.kernels import partition
+from qwen3vl.kernels.xla_attention import xla_attention
+from qwen3vl.kernels.xla_block_sparse import xla_block_sparse_attention
 
 mesh = jax.make_mesh((2, 2, 1, 2), ("data", "fsdp", "expert", "tensor"),
                      axis_types=(jax.sharding.AxisType.Auto,) * 4)

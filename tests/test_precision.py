@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.inputs import prepare_inputs
 from qwen3vl.model.layers import _matmul_2d

@@ -1,7 +1,7 @@
 """Model presets: every released size builds (abstractly) and has the published parameter count."""
 import pytest
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.vlm import count_params
 from qwen3vl.tools import params

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import moe
+from qwen3vl.configs import moe
 from qwen3vl import hardware, sharding
 from qwen3vl.data.tokenizer import Tokenizer
 from qwen3vl.model.vlm import Qwen3VL

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import FIXTURES, ROOT
-from configs import moe
+from qwen3vl.configs import moe
 from qwen3vl import hardware, sharding
 from qwen3vl.data.tokenizer import Tokenizer
 from qwen3vl.model.vlm import Qwen3VL
@@ -125,7 +125,7 @@ import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 from flax import nnx
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl import sharding
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.moe import MoE
@@ -168,7 +168,7 @@ GENERATE_ON_A_MESH = """
 import jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl import sharding
 from qwen3vl.config import ModelConfig
 from qwen3vl.infer import generate

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl import hf
 from qwen3vl.config import ModelConfig
 from qwen3vl.infer import generate

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.packing import Packer, to_model_inputs

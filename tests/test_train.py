@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from configs import dense, moe
+from qwen3vl.configs import dense, moe
 from qwen3vl.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 
-from kernels import triton_attention as ta  # noqa: E402
+from qwen3vl.kernels import triton_attention as ta  # noqa: E402
 
 
 def _segments(rows, length):
@@ -183,7 +183,7 @@ def test_kernel_interpreted_matches_float64(interpreted, name):
 def test_saved_out_and_lse_drive_the_pallas_backward(interpreted, name):
   """The residuals the kernel saves (out, LSE [B, Hq, Lq], 0 for empty rows) fed to the Pallas GPU backward (in
   interpret mode here; compiled on GPU it is what the custom VJP calls) give the dense reference's gradients."""
-  pallas = pytest.importorskip("kernels.pallas_gpu_attention")
+  pallas = pytest.importorskip("qwen3vl.kernels.pallas_gpu_attention")
   if not hasattr(pallas, "attention_bwd"):
     pytest.skip("kernels.pallas_gpu_attention has no attention_bwd")
   b, hq, hkv, lq, lk, d, causal, window, _, _, _, _, _ = CASES[name]
@@ -261,7 +261,7 @@ def test_custom_vjp_plumbing_on_cpu(monkeypatch):
   """The custom VJP around the kernel, with the jax-triton launch swapped for the XLA forward (the only part that
   needs a GPU): its backward must fall back to the XLA reference's VJP off GPU and give its gradients,
   segment ids included (integer inputs get no cotangent)."""
-  from kernels.xla_attention import xla_attention
+  from qwen3vl.kernels.xla_attention import xla_attention
   name = "causal_seg_203_d80"
   b, hq, hkv, lq, lk, d, causal, window, _, _, _, _, _ = CASES[name]
   q, k, v, segs, _ = _case_inputs(name, seed=4)
@@ -306,7 +306,7 @@ GPU_CASES = ["plain_37", "causal_127_d72_mqa", "causal_seg_203_d80", "window_cau
 @gpu
 @pytest.mark.parametrize("name", GPU_CASES)
 def test_gpu_values_lse_and_grads_match_xla(name):
-  from kernels.xla_attention import xla_attention
+  from qwen3vl.kernels.xla_attention import xla_attention
   b, hq, hkv, lq, lk, d, causal, window, _, dtype, _, _, _ = CASES[name]
   q, k, v, segs, _ = _case_inputs(name, seed=1)
   ct = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
@@ -337,7 +337,7 @@ def test_gpu_values_lse_and_grads_match_xla(name):
 @pytest.mark.gpu
 @gpu
 def test_gpu_through_dispatcher():
-  import kernels
+  from qwen3vl import kernels
   if "triton" not in kernels.implementations():
     pytest.skip("triton is not registered with the dispatcher")
   q, k, v, segs, _ = _case_inputs("causal_seg_203_d80", seed=3)

@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from qwen3vl import hf
-from qwen3vl.config import ModelConfig
 from qwen3vl.data import chat
 from qwen3vl.data.datasets import processors_for
 from qwen3vl.data.image import ImageProcessor
@@ -33,24 +32,27 @@ def _read_json(path: str) -> dict:
 
 
 def _load_workdir(path: str, dtype: str | None):
-  """Model, tokenizer and processors of a train.py work directory (parameters of the newest checkpoint)."""
-  from qwen3vl.train.checkpoint import Checkpointer
-  runtime = {"dtype": dtype or "float32", "param_dtype": "float32"}
-  cfg = ModelConfig.from_dict({**_read_json(os.path.join(path, "model_config.json")), **runtime})
-  ckpt = Checkpointer(path, keep=1000, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{path}: a train.py work directory with no checkpoint under checkpoints/")
-  params = ckpt.restore_params(step)
-  ckpt.close()
+  """Model, tokenizer and processors of a train.py work directory (parameters of the newest checkpoint; a LoRA
+  run's adapters folded into its base)."""
+  from qwen3vl.train import adapters, init_from
+  plain, params = init_from.workdir_params(path)
+  cfg = plain.replace(dtype=dtype or "float32", param_dtype="float32")
+  step = f"step {_latest_step(path)}"
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  params = adapters.conform(params, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32)
+                                               if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, params))
   model = nnx.merge(graphdef, state)
   data = _read_json(os.path.join(path, "config.json")).get("data", {})
   image_processor, video_processor = processors_for(cfg.vision, min_pixels=data.get("min_pixels"),
                                                     max_pixels=data.get("max_pixels"))
   return (model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")), image_processor, video_processor, [],
-          f"step {step}")
+          step)
+
+
+def _latest_step(path: str) -> int:
+  steps = [int(d) for d in os.listdir(os.path.join(path, "checkpoints")) if d.isdigit()]
+  return max(steps)
 
 
 def _load_hf(path: str, dtype: str | None):

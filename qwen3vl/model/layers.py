@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen3vl.model import quant
+from qwen3vl.model.lora import LoRA, LoraSpec
 from qwen3vl.model.remat import tag as checkpoint_tag
 
 Axes = Sequence[str | None]
@@ -25,10 +27,11 @@ def param(rngs: nnx.Rngs, shape, axes: Axes, dtype, init=_default_init) -> nnx.P
 
 
 def precision_kwargs(cfg, part: str, rngs: nnx.Rngs) -> tuple[dict, dict]:
-  """(arguments of every module of a model part, extra Linear arguments) under `ModelConfig.precision`: the
-  part's compute dtype, and float8 matmuls where it asks for them."""
+  """(arguments of every module of a model part, extra Linear arguments): the part's compute dtype and float8
+  matmuls under `ModelConfig.precision`, LoRA adapters and a quantized frozen base (`lora_spec`, `base_quant`)."""
   dtype, fp8 = cfg.precision_of(part)
-  return dict(dtype=dtype, param_dtype=cfg.param_dtype, rngs=rngs), dict(fp8=fp8)
+  return dict(dtype=dtype, param_dtype=cfg.param_dtype, rngs=rngs), dict(fp8=fp8, lora=cfg.lora_spec,
+                                                                          quant=cfg.base_quant)
 
 
 def _matmul_2d(x: jax.Array, w: jax.Array, fp8: bool = False) -> jax.Array:
@@ -71,18 +74,39 @@ def _fp8_backward(residuals, g):
 _fp8_matmul.defvjp(_fp8_forward, _fp8_backward)
 
 
+def quantizable(rngs: nnx.Rngs, shape, axes: Axes, param_dtype, kind: str):
+  """(weight, scales or None): a parameter in `param_dtype`, or int8 / nf4 codes and their scales (model/quant.py)
+  when `kind` names a quantization."""
+  if not kind:
+    return param(rngs, shape, axes, param_dtype), None
+  return (param(rngs, shape, axes, quant.code_dtype(kind), nnx.initializers.zeros),
+          param(rngs, quant.scale_shape(kind, shape), axes, jnp.float32, nnx.initializers.ones))
+
+
+def weight_value(w: nnx.Param, scale: nnx.Param | None, dtype) -> jax.Array:
+  """A weight in `dtype`, dequantized when it is held as codes."""
+  return w[...].astype(dtype) if scale is None else quant.dequantize(w[...], scale[...], dtype)
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] in param dtype, computed in the activation dtype. `tag` names the
-  output for the rematerialization policies (see model/remat.py)."""
+  output for the rematerialization policies (see model/remat.py). `lora`: adapters when the spec targets this
+  layer's name (`lora_name`, default the tag); `quant`: the kernel held as int8 / nf4 codes (a frozen base)."""
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-               tag: str | None = None, fp8: bool = False):
-    self.kernel = param(rngs, (d_in, d_out), axes, param_dtype)
+               tag: str | None = None, fp8: bool = False, lora: LoraSpec | None = None,
+               lora_name: str | None = None, quant: str = ""):
+    self.kernel, self.kernel_scale = quantizable(rngs, (d_in, d_out), axes, param_dtype, quant)
     self.bias = param(rngs, (d_out,), axes[-1:], param_dtype, nnx.initializers.zeros) if bias else None
+    targeted = lora is not None and (lora_name or tag) in lora.targets
+    self.kernel_lora = LoRA((d_in, d_out), axes, lora, rngs) if targeted else None
     self.dtype, self.tag, self.fp8 = dtype, tag, fp8
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.fp8)
+    x = x.astype(self.dtype)
+    y = _matmul_2d(x, weight_value(self.kernel, self.kernel_scale, self.dtype), self.fp8)
+    if self.kernel_lora is not None:
+      y = y + self.kernel_lora.delta(x, _matmul_2d)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return checkpoint_tag(y, self.tag) if self.tag else y

@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.experts import block_rows, blocked_experts, expert_layout, from_layout, swiglu, to_layout
-from qwen3vl.model.layers import param
+from qwen3vl.model.layers import param, quantizable, weight_value
+from qwen3vl.model.lora import LoRA
 from qwen3vl.model.remat import tag as checkpoint_tag
 from qwen3vl.sharding import BATCH
 
@@ -50,8 +51,14 @@ class MoE(nnx.Module):
     t = cfg.text
     e, h, i = t.num_experts, t.hidden_size, t.moe_intermediate_size
     self.router = param(rngs, (h, e), ("embed", None), cfg.param_dtype)
-    self.gate_up = param(rngs, (e, h, 2 * i), ("experts", "embed", "mlp"), cfg.param_dtype)
-    self.down = param(rngs, (e, i, h), ("experts", "mlp", "embed"), cfg.param_dtype)
+    shapes = {"gate_up": ((e, h, 2 * i), ("experts", "embed", "mlp")),
+              "down": ((e, i, h), ("experts", "mlp", "embed"))}
+    lora = cfg.lora_spec
+    self.gate_up, self.gate_up_scale = quantizable(rngs, *shapes["gate_up"], cfg.param_dtype, cfg.base_quant)
+    self.down, self.down_scale = quantizable(rngs, *shapes["down"], cfg.param_dtype, cfg.base_quant)
+    self.gate_up_lora, self.down_lora = (
+        LoRA(*shapes[w], lora, rngs) if lora is not None and f"moe_{w}" in lora.targets else None
+        for w in ("gate_up", "down"))
     self.top_k, self.dtype, self.impl = t.num_experts_per_tok, cfg.precision_of("decoder")[0], cfg.moe_impl
 
   def route(self, x: jax.Array):
@@ -70,8 +77,17 @@ class MoE(nnx.Module):
     y = self._dense(x, weights, experts) if self.impl == "dense" else self._ragged(x, weights, experts)
     return y.reshape(shape), logits
 
+  def expert_weights(self):
+    """(gate_up, down) in the compute dtype: dequantized when held as codes, LoRA adapters merged in."""
+    out = []
+    for w, scale, lora in ((self.gate_up, self.gate_up_scale, self.gate_up_lora),
+                           (self.down, self.down_scale, self.down_lora)):
+      value = weight_value(w, scale, self.dtype)
+      out.append(value if lora is None else lora.merged(value))
+    return tuple(out)
+
   def _ragged(self, x, weights, experts):
-    gate_up, down = self.gate_up[...].astype(self.dtype), self.down[...].astype(self.dtype)
+    gate_up, down = self.expert_weights()
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = tuple(a for a in BATCH if not mesh.empty and mesh.shape[a] > 1)
     if not batch_axes:
@@ -107,10 +123,10 @@ class MoE(nnx.Module):
     return jnp.einsum("tkh,tk->th", from_layout(out, layout), weights)
 
   def _dense(self, x, weights, experts):
-    num_experts = self.gate_up.shape[0]
-    scatter = jnp.zeros((x.shape[0], num_experts), self.dtype)
+    gate_up, down = self.expert_weights()
+    scatter = jnp.zeros((x.shape[0], gate_up.shape[0]), self.dtype)
     scatter = scatter.at[jnp.arange(x.shape[0])[:, None], experts].set(weights)
-    h = checkpoint_tag(jnp.einsum("th,ehi->eti", x, self.gate_up[...].astype(self.dtype)), "moe_gate_up")
-    y = jnp.einsum("eti,eih->eth", swiglu(h), self.down[...].astype(self.dtype))
+    h = checkpoint_tag(jnp.einsum("th,ehi->eti", x, gate_up), "moe_gate_up")
+    y = jnp.einsum("eti,eih->eth", swiglu(h), down)
     y = checkpoint_tag(y, "moe_down")
     return jnp.einsum("eth,te->th", y, scatter)

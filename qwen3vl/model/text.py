@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-import kernels
+from qwen3vl import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
 from qwen3vl.model.layers import Linear, RMSNorm, precision_kwargs

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import kernels
+from qwen3vl import kernels
 from qwen3vl.config import ModelConfig
 from qwen3vl.model import rope
 from qwen3vl.model.layers import LayerNorm, Linear, param, precision_kwargs
@@ -123,8 +123,9 @@ class PatchMerger(nnx.Module):
     kw, lin = precision_kwargs(cfg, "vision", rngs)
     wide = v.hidden_size * v.spatial_merge_size**2
     self.norm = LayerNorm(wide if postshuffle else v.hidden_size, ("embed",), eps=v.layer_norm_eps, **kw)
-    self.fc1 = Linear(wide, wide, ("embed", "mlp"), bias=True, **kw, **lin)
-    self.fc2 = Linear(wide, v.out_hidden_size, ("mlp", "out_embed"), bias=True, **kw, **lin)
+    self.fc1 = Linear(wide, wide, ("embed", "mlp"), bias=True, lora_name="merger", **kw, **lin)
+    self.fc2 = Linear(wide, v.out_hidden_size, ("mlp", "out_embed"), bias=True, lora_name="merger", **kw,
+                      **lin)
     self.postshuffle, self.wide = postshuffle, wide
 
   def __call__(self, x):

@@ -246,7 +246,7 @@ def _oom_bytes(message: str) -> tuple[int | None, bool]:
 
 def compile_program(program: Program, hbm_bytes: int | None, hlo_dir: str | None = None) -> dict:
   """Lowers and compiles `program`; returns its row: held bytes, temps, peak, verdict, kernels, seconds."""
-  import kernels
+  from qwen3vl import kernels
   row = {"step": program.name, **program.held, "notes": program.notes, "mesh": program.mesh}
   start = time.perf_counter()
   with kernels.dispatch.recording() as choices:

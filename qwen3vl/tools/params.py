@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from configs import models
+from qwen3vl.configs import models
 from qwen3vl.config import ModelConfig
 from qwen3vl.model.vlm import count_params
 

@@ -2,6 +2,7 @@
 
 One `CheckpointManager` per work directory (keep-N, asynchronous saves); the train state is a pytree saved
 with StandardSave, the loader position is a small JSON item, so a restored run continues with the same batches.
+A LoRA run's state holds only the adapters; the JSON item `base` names where its frozen base came from.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: dict, *, base: dict | None = None, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                           data=ocp.args.JsonSave(data_state)), force=force)
+                                                           data=ocp.args.JsonSave(data_state),
+                                                           base=ocp.args.JsonSave(base or {})), force=force)
 
   def restore(self, step: int, abstract_state):
     """Restores into the structure/shardings of `abstract_state`; returns (state, data_state)."""
@@ -36,6 +38,12 @@ class Checkpointer:
     the target). Restores the whole item then drops the rest: fine for the model sizes one runs from a workdir."""
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return out["state"]["params"]
+
+  def restore_base(self, step: int) -> dict:
+    """The `base` item ({"init_from": path} for a LoRA run; {} otherwise or in checkpoints older than it)."""
+    if "base" not in (self.manager.item_metadata(step) or {}):
+      return {}
+    return self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -19,14 +19,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwen3vl import distributed, hardware, hf, sharding
+from qwen3vl import distributed, hardware, sharding
 from qwen3vl.config import RUNTIME_FIELDS, ModelConfig
 from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
 from qwen3vl.data.packing import Packer, to_model_inputs
 from qwen3vl.data.tokenizer import Tokenizer
+from qwen3vl.model import lora
 from qwen3vl.model.vlm import Qwen3VL
-from qwen3vl.train import losses
+from qwen3vl.train import adapters, init_from, losses
 from qwen3vl.train.checkpoint import Checkpointer
 from qwen3vl.train.metrics import MetricsWriter
 from qwen3vl.train.optim import make_optimizer, schedule
@@ -34,12 +35,38 @@ from qwen3vl.train.optim import make_optimizer, schedule
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
+def source(config) -> str | None:
+  """The directory the run starts from: `init_from` (a HF or train.py work directory), or its older alias
+  `init_from_hf`."""
+  if config.init_from and config.init_from_hf and config.init_from != config.init_from_hf:
+    raise ValueError(f"config.init_from={config.init_from!r} and config.init_from_hf={config.init_from_hf!r}: "
+                     f"give one (init_from takes both kinds of directory)")
+  return config.init_from or config.init_from_hf
+
+
+def lora_fields(config) -> dict:
+  """`ModelConfig` fields of `config.lora`: adapters, and how the frozen base is held (`lora.base`: float32,
+  bfloat16, or int8 / nf4 codes over bfloat16)."""
+  c = config.lora
+  if not c.rank:
+    return {}
+  if c.base not in ("float32", "bfloat16", "int8", "nf4"):
+    raise ValueError(f"invalid config field lora.base: {c.base!r} (float32, bfloat16, int8 or nf4)")
+  fields = dict(lora_rank=c.rank, lora_alpha=float(c.alpha), lora_dropout=float(c.dropout),
+                lora_targets=lora.parse_targets(c.targets), base_quant=c.base if c.base in ("int8", "nf4") else "")
+  if c.base != "float32":
+    fields["param_dtype"] = "bfloat16"
+  return fields
+
+
 def model_config(config, tokenizer: Tokenizer | None = None) -> ModelConfig:
-  """The model's config: from `init_from_hf`'s config.json, or the preset; token ids must agree with the
-  tokenizer when one is given (an error names the field otherwise)."""
-  runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
-  if config.init_from_hf:
-    cfg = ModelConfig.from_pretrained(config.init_from_hf, **runtime)
+  """The model's config: the architecture of `init_from` (HF config.json or a work directory's
+  model_config.json), or the preset, with the runtime switches and LoRA fields of `config`; token ids must agree
+  with the tokenizer when one is given (an error names the field otherwise)."""
+  runtime = {k: config.model[k] for k in RUNTIME_FIELDS if k in config.model}
+  runtime.update(lora_fields(config))
+  if source(config):
+    cfg = init_from.architecture(source(config), **runtime)
   else:
     fields = {k: v for k, v in config.model.to_dict().items() if k not in RUNTIME_FIELDS}
     cfg = ModelConfig.from_dict({**fields, **runtime})
@@ -70,7 +97,7 @@ def validate(config):
   unknown = set(c.optim.lr_mult) - {"vision", "merger", "llm"}
   if unknown:
     raise ValueError(f"invalid config field optim.lr_mult: unknown groups {sorted(unknown)}")
-  for path in (c.data.train_path, c.data.eval_path, c.init_from_hf, c.tokenizer):
+  for path in (c.data.train_path, c.data.eval_path, c.init_from, c.init_from_hf, c.tokenizer):
     if path and not os.path.exists(path):
       raise FileNotFoundError(f"config path {path!r} does not exist")
 
@@ -97,10 +124,30 @@ def make_loaders(config, tokenizer, model_cfg):
   return train, make_eval
 
 
+def initial_params(config, cfg: ModelConfig, start_from: str | None):
+  """(graphdef, trainable params, frozen params, mesh), placed on the mesh: the model initialized from
+  `config.seed`, or built from `start_from`'s weights (adapters initialized, the base quantized as `cfg` says);
+  with adapters only they train and the rest is frozen."""
+  mesh = sharding.make_mesh(config.mesh)
+  if start_from is None:
+    if cfg.base_quant:
+      raise ValueError("config.lora.base int8 / nf4 quantizes a pretrained base: set config.init_from")
+    model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(model)
+    host = jax.device_get(nnx.to_pure_dict(state))
+    del model
+  else:
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))))
+    host = adapters.build(nnx.to_pure_dict(state), init_from.base_params(start_from, cfg), cfg, config.seed)
+  params = sharding.place(host, sharding.param_shardings(state, mesh))
+  trainable, frozen = adapters.split(params, cfg)
+  return graphdef, trainable, frozen, mesh
+
+
 # ------------------------------------------------------------------------------------------------ step fns
 def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   """Training routes Mixture-of-Depths layers by the row's top-k, evaluation by the causal predictor (what
-  decoding sees)."""
+  decoding sees). `params`: the whole model's (trainable joined with the frozen base)."""
   model = nnx.merge(graphdef, params)
   routing = dict(mod_routing="topk" if training else "predictor")
   inputs = to_model_inputs(batch)
@@ -130,10 +177,17 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   return loss, metrics
 
 
-def train_step(state, batch, *, graphdef, tx, config, opt_on_device=None):
-  """One update. `opt_on_device`: shardings that bring an offloaded optimizer state into device memory."""
-  grads, metrics = jax.grad(lambda p: _loss_and_metrics(graphdef, p, batch, config), has_aux=True)(
-      state["params"])
+def train_step(state, batch, frozen, *, graphdef, tx, config, opt_on_device=None):
+  """One update of the trainable parameters `state["params"]`; `frozen` (the rest of the model: a LoRA run's
+  base, else empty) gets no gradient. `opt_on_device`: shardings that bring an offloaded optimizer state into
+  device memory."""
+  key = None
+  if config.lora.rank and config.lora.dropout:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  with lora.dropout_key(key):
+    grads, metrics = jax.grad(
+        lambda p: _loss_and_metrics(graphdef, adapters.join(p, frozen), batch, config), has_aux=True)(
+            state["params"])
   opt_state = state["opt_state"]
   if opt_on_device is not None:
     opt_state = jax.device_put(opt_state, opt_on_device)
@@ -165,25 +219,25 @@ class TrainStep:
     on_device = (jax.tree.map(lambda s: s.with_memory_kind("device"), shardings["opt_state"])
                  if self.offload else None)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config, opt_on_device=on_device)
-    self._jit = jax.jit(lambda donated, kept, batch: step({**donated, **kept}, batch), donate_argnums=0,
-                        out_shardings=(shardings, sharding.replicated(mesh)))
+    self._jit = jax.jit(lambda donated, kept, batch, frozen: step({**donated, **kept}, batch, frozen),
+                        donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     self.mesh = mesh  # traced under it: activation constraints and the MoE shard_map read it
 
   def _split(self, state):
     kept = ("opt_state",) if self.offload else ()
     return {k: v for k, v in state.items() if k not in kept}, {k: state[k] for k in kept}
 
-  def __call__(self, state, batch):
+  def __call__(self, state, batch, frozen=None):
     with jax.set_mesh(self.mesh):
-      return self._jit(*self._split(state), batch)
+      return self._jit(*self._split(state), batch, frozen or {})
 
-  def lower(self, state, batch):
+  def lower(self, state, batch, frozen=None):
     with jax.set_mesh(self.mesh):
-      return self._jit.lower(*self._split(state), batch)
+      return self._jit.lower(*self._split(state), batch, frozen or {})
 
 
-def eval_step(params, batch, *, graphdef, config):
-  return _loss_and_metrics(graphdef, params, batch, config, training=False)[1]
+def eval_step(params, frozen, batch, *, graphdef, config):
+  return _loss_and_metrics(graphdef, adapters.join(params, frozen), batch, config, training=False)[1]
 
 
 def _global_norm(tree):
@@ -223,32 +277,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   print(f"platform: {platform} ({jax.devices()[0].device_kind}); resolved config:\n{config}", flush=True)
 
-  tokenizer = Tokenizer.from_file(config.tokenizer) if config.tokenizer else Tokenizer.builtin()
+  start_from = source(config)
+  tokenizer_file = config.tokenizer or (init_from.tokenizer_file(start_from) if start_from else None)
+  tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file else Tokenizer.builtin()
   cfg = model_config(config, tokenizer)
   if primary:
     tokenizer.save(os.path.join(workdir, "tokenizer.json"))  # the work directory is self-contained for infer.py
     with open(os.path.join(workdir, "model_config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
-  if config.init_from_hf:
-    model = hf.load_pretrained(config.init_from_hf, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-  else:
-    model = Qwen3VL(cfg, rngs=nnx.Rngs(config.seed))
-  graphdef, state = nnx.split(model)
-  mesh = sharding.make_mesh(config.mesh)
-  params = sharding.place(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
-  del model, state
+  graphdef, params, frozen, mesh = initial_params(config, cfg, start_from)
   tx = make_optimizer(config.optim, config.train.steps, params)
   shardings = state_shardings(params, tx, mesh, config)
   train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
                  "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
                  "rng": sharding.place(jax.random.key_data(jax.random.key(config.seed)), shardings["rng"])}
-  local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"]])
+  local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"], frozen])
   kinds = {x.sharding.memory_kind for x in jax.tree.leaves(train_state["opt_state"])}
   where = " (optimizer state in pinned host memory)" if kinds == {"pinned_host"} else ""
   print(f"mesh: {dict(mesh.shape)}; parameters + optimizer state: {local / 2**20:.2f} MiB per device of "
         f"{total / 2**20:.2f} MiB{where}", flush=True)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"model: {cfg.model_type}, {n_params:,} parameters", flush=True)
+  trainable = adapters.count(params)
+  if frozen:
+    held = cfg.base_quant or cfg.param_dtype
+    print(f"model: {cfg.model_type}, LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable:,} "
+          f"trainable parameters, {adapters.count(frozen):,} frozen ({held})", flush=True)
+  else:
+    print(f"model: {cfg.model_type}, {trainable:,} parameters", flush=True)
+  base_item = {"init_from": os.path.abspath(start_from)} if frozen and start_from else {}
 
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
   loader, make_eval = make_loaders(config, tokenizer, cfg)
@@ -265,7 +320,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(train_state["step"])
 
   step_fn = TrainStep(graphdef, tx, config, shardings, mesh)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=config))
+  jit_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef, config=config))
+  eval_fn = lambda params, batch: jit_eval(params, frozen, batch)  # noqa: E731
   lr = schedule(config.optim, config.train.steps)
   peak = hardware.peak_tflops(config)
   writer = MetricsWriter(workdir, config.train.steps, start, enabled=primary)
@@ -282,11 +338,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < config.train.steps and not stop.requested:
       batch = distributed.global_batch(next(loader), mesh, merge)
       if flops is None:  # first step: compile (cost analysis for MFU), run, and start the clock after it
-        flops = _step_flops(step_fn, train_state, batch)
-        train_state, metrics = jax.block_until_ready(step_fn(train_state, batch))
+        flops = _step_flops(step_fn, train_state, batch, frozen)
+        train_state, metrics = jax.block_until_ready(step_fn(train_state, batch, frozen))
         window_start = time.perf_counter()
       else:
-        train_state, metrics = step_fn(train_state, batch)
+        train_state, metrics = step_fn(train_state, batch, frozen)
       step += 1
       window.append(metrics)
       writer.advance()
@@ -296,7 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, _train_record(window, now - window_start, lr(step), flops, peak, loader))
         window, window_start = [], now
       if step % config.train.checkpoint_every == 0:
-        ckpt.save(step, train_state, data_state())
+        ckpt.save(step, train_state, data_state(), base=base_item)
       if make_eval and (step % config.train.eval_every == 0 or step == config.train.steps):
         last_eval = evaluate(eval_fn, train_state["params"], make_eval, config.train.eval_batches, mesh, merge)
         writer.write(step, last_eval)
@@ -304,7 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stop.requested:
       writer.print(f"stop requested: saving a checkpoint at step {step}")
     if ckpt.latest_step() != step:
-      ckpt.save(step, train_state, data_state(), force=True)
+      ckpt.save(step, train_state, data_state(), base=base_item, force=True)
     ckpt.wait()
   finally:
     stop.restore()
@@ -314,9 +370,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return last_eval
 
 
-def _step_flops(step_fn, state, batch) -> float | None:
+def _step_flops(step_fn, state, batch, frozen) -> float | None:
   try:
-    cost = step_fn.lower(state, batch).compile().cost_analysis()
+    cost = step_fn.lower(state, batch, frozen).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
   except Exception:  # cost analysis is best-effort: some backends do not report it
