@@ -93,18 +93,20 @@ def _abstract_batch(config, cfg, mesh, drop=()) -> dict:
 
 
 def build_train(config, devices):
-  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh) for `config` on `devices`."""
-  from qwen3vl.train import trainer
+  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh, abstract frozen params) for
+  `config` on `devices`; with LoRA the state holds the adapters and the frozen base is passed beside it."""
+  from qwen3vl.train import adapters, trainer
   from qwen3vl.train.optim import make_optimizer
 
   cfg, mesh, graphdef, _, params = _abstract_model(config, devices)
+  params, frozen = adapters.split(params, cfg)
   tx = make_optimizer(config.optim, config.train.steps, params)
   shardings = trainer.state_shardings(params, tx, mesh, config)
   train_state = abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params),
                           "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)},
                          shardings)
   batch = _abstract_batch(config, cfg, mesh)
-  return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh
+  return graphdef, train_state, batch, trainer.TrainStep(graphdef, tx, config, shardings, mesh), cfg, mesh, frozen
 
 
 def moe_notes(cfg, mesh, platform: str) -> list[str]:
@@ -130,11 +132,17 @@ def moe_notes(cfg, mesh, platform: str) -> list[str]:
 
 
 def train_program(config, devices) -> Program:
-  _, state, batch, step, cfg, mesh = build_train(config, devices)
+  _, state, batch, step, cfg, mesh, frozen = build_train(config, devices)
   platform = devices[0].platform
-  held = {"params": shard_bytes(state["params"]), "optimizer": shard_bytes(state["opt_state"]),
+  held = {"params": shard_bytes(state["params"]) + shard_bytes(frozen), "optimizer": shard_bytes(state["opt_state"]),
           "batch": shard_bytes(batch)}
-  return Program("train", lambda: step.lower(state, batch), held, moe_notes(cfg, mesh, platform), dict(mesh.shape))
+  notes = moe_notes(cfg, mesh, platform)
+  if frozen:
+    held_as = cfg.base_quant or cfg.param_dtype
+    notes.append(f"lora: rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: "
+                 f"{shard_bytes(state['params']) / 2**20:.1f} MiB of adapters train, "
+                 f"{shard_bytes(frozen) / GIB:.2f} GiB of frozen base ({held_as}) per device")
+  return Program("train", lambda: step.lower(state, batch, frozen), held, notes, dict(mesh.shape))
 
 
 def generate_program(config, devices, max_new_tokens: int) -> Program:

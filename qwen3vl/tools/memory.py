@@ -44,7 +44,8 @@ GIB = 2**30
 
 
 def build(config, num_devices: int):
-  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh) on simulated CPU devices."""
+  """(graphdef, abstract train state, abstract batch, TrainStep, model config, mesh, frozen) on simulated CPU
+  devices."""
   return compile_tool.build_train(config, jax.devices()[:num_devices])
 
 
@@ -104,11 +105,11 @@ def report(config, num_devices: int, presets, hbm_gib: float) -> list[dict]:
   for preset in presets:
     with config.unlocked():
       config.model.remat = config.model.vision_remat = preset
-    graphdef, state, batch, step, cfg, mesh = build(config, num_devices)
+    graphdef, state, batch, step, cfg, mesh, frozen = build(config, num_devices)
     with compile_tool.grouped_matmul_as_on_accelerators(cfg.moe_impl == "ragged"):
-      compiled = step.lower(state, batch).compile()
+      compiled = step.lower(state, batch, frozen).compile()
     mem = compiled.memory_analysis()
-    params, opt, data = (compile_tool.shard_bytes(x) for x in (state["params"], state["opt_state"], batch))
+    params, opt, data = (compile_tool.shard_bytes(x) for x in ((state["params"], frozen), state["opt_state"], batch))
     opt_host = opt if config.offload.optimizer_state else 0
     temp = mem.temp_size_in_bytes
     offloaded = 0
@@ -154,7 +155,7 @@ def main(argv):
     for preset in _REMAT.value:
       with config.unlocked():
         config.model.remat = preset
-      _, _, _, _, cfg, mesh = build(config, _DEVICES.value)
+      _, _, _, _, cfg, mesh, _ = build(config, _DEVICES.value)
       lines, total = layer_residuals(cfg, config, mesh, preset)
       print(f"{preset}: " + ("no checkpointing (the backward keeps every intermediate)" if lines is None else
                              f"{total / 2**20:.2f} MiB per decoder layer per device"))

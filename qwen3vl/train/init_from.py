@@ -60,12 +60,17 @@ def abstract_params(cfg: ModelConfig) -> dict:
   return nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))[1])
 
 
-def workdir_params(path: str) -> tuple[ModelConfig, dict]:
-  """(the run's model config without adapters, host parameters of its newest checkpoint with any adapters
-  folded in)."""
-  from qwen3vl.train.checkpoint import Checkpointer
+def run_config(path: str) -> ModelConfig:
+  """The model config a work directory's run trained (model_config.json: with its adapters and runtime fields)."""
   with open(os.path.join(path, "model_config.json")) as f:
-    cfg = ModelConfig.from_dict(json.load(f))
+    return ModelConfig.from_dict(json.load(f))
+
+
+def restore(path: str) -> tuple[ModelConfig, dict, dict]:
+  """(the run's model config, with any adapters; host parameters of its newest checkpoint as saved: a LoRA run's
+  adapters only, list keys as Orbax restores them; the Orbax item `base`: {"init_from": path} for a LoRA run)."""
+  from qwen3vl.train.checkpoint import Checkpointer
+  cfg = run_config(path)
   ckpt = Checkpointer(path, keep=1000, async_save=False)
   try:
     step = ckpt.latest_step()
@@ -74,7 +79,13 @@ def workdir_params(path: str) -> tuple[ModelConfig, dict]:
     params, base = ckpt.restore_params(step), ckpt.restore_base(step)
   finally:
     ckpt.close()
-  params = jax.tree.map(np.asarray, params)
+  return cfg, jax.tree.map(np.asarray, params), base
+
+
+def workdir_params(path: str) -> tuple[ModelConfig, dict]:
+  """(the run's model config without adapters, host parameters of its newest checkpoint with any adapters
+  folded in)."""
+  cfg, params, base = restore(path)
   if cfg.lora_rank:
     if not base.get("init_from"):
       raise ValueError(f"{path}: a LoRA run whose checkpoint does not name its base (Orbax item 'base')")
