@@ -5,9 +5,24 @@ cuDNN; XLA (blockwise reference, the CPU default). Pallas kernels run in interpr
 platform that is not theirs (how CI tests them on CPU). Block-sparse attention shares the Pallas kernels.
 """
 # This folder is `qwen3vl.kernels`. From the repository root it is also importable as the top-level `kernels`, a
-# name Hugging Face's kernels package owns: transformers imports whatever `kernels` it finds to read its version,
-# so under that name the folder stays empty (no version, nothing of JAX imported) and transformers looks past it.
-if __name__ == "qwen3vl.kernels":
+# name Hugging Face's kernels package owns (transformers imports it when its metadata says it is installed). Under
+# that name the folder stands aside: the next `kernels` on sys.path is loaded in its place (the import system
+# returns what sys.modules holds after this file ran), or, with none, the folder stays empty (no version, nothing of
+# JAX imported) and transformers looks past it.
+if __name__ != "qwen3vl.kernels":
+  import importlib.machinery as _machinery
+  import importlib.util as _util
+  import os as _os
+  import sys as _sys
+
+  _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+  _spec = _machinery.PathFinder.find_spec(
+      __name__, [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
+  if _spec is not None and _spec.loader is not None:
+    _sys.modules[__name__] = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_sys.modules[__name__])
+  del _machinery, _util, _os, _sys, _root, _spec
+else:
   from qwen3vl.kernels.block_sparse import block_sparse_attention, dynamic_sparse_attention
   from qwen3vl.kernels.dispatch import attention, implementations, register_implementation
   from qwen3vl.kernels.layouts import (causal_layout, dynamic_topk_layout, layout_to_lists, segment_layout,

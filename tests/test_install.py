@@ -1,5 +1,6 @@
 """Install hygiene: an installed qwen3vl owns no top-level name but `qwen3vl` (Hugging Face's `kernels` package is
-what transformers imports), and a source checkout's top-level kernels/ folder looks like nothing to transformers."""
+what transformers imports), and a source checkout's top-level kernels/ folder stands aside for that package, or
+looks like nothing when it is not installed."""
 import os
 import subprocess
 import sys
@@ -70,3 +71,16 @@ def test_source_checkout_kernels_folder_is_empty_under_its_top_level_name():
              "print(qwen3vl.kernels.attention.__module__, qwen3vl.kernels.__file__ == kernels.__file__)",
              cwd=ROOT)
   assert out.strip().splitlines() == ["[] None False", "qwen3vl.kernels.dispatch True"]
+
+
+def test_source_checkout_kernels_folder_stands_aside_for_an_installed_kernels(tmp_path):
+  # transformers (5.x) imports `from kernels import ...` when the `kernels` distribution is installed; with the
+  # repository root first on sys.path, that import must reach the installed package, not our folder.
+  site = tmp_path / "site"
+  (site / "kernels").mkdir(parents=True)
+  (site / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\nclass CUDAProperties: pass\n")
+  out = _run("import sys; sys.path.insert(0, '.')\n"
+             "from kernels import CUDAProperties, __version__\nimport kernels, qwen3vl.kernels as ours\n"
+             "print(__version__, kernels.__file__ != ours.__file__, ours.attention.__module__)",
+             cwd=ROOT, path=str(site))
+  assert out.strip().splitlines()[-1] == "0.19.1 True qwen3vl.kernels.dispatch"
