@@ -24,13 +24,14 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
 
   # LoRA (qwen3vl/model/lora.py): rank 0 = full fine-tuning. Only the adapters train and are checkpointed; the
   # base stays frozen as `base`: float32, bfloat16, or int8 / nf4 codes (QLoRA; needs init_from). targets:
-  # names or groups of qwen3vl.model.lora (llm = every decoder projection and the experts; attention, mlp,
-  # experts, vision, merger, q_proj, ...).
+  # names or groups of qwen3vl.model.lora: all (every projection of the vision tower, mergers and decoder, and the
+  # experts: PEFT's "all-linear"; the tiny digits task needs the vision side: 0.83 exact match against 0.56 with
+  # llm), llm (decoder projections and experts), attention, mlp, experts, vision, merger, q_proj, ...
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0
   c.lora.alpha = 16.0
   c.lora.dropout = 0.0
-  c.lora.targets = "llm"
+  c.lora.targets = "all"
   c.lora.base = "bfloat16"
 
   c.model = models.get_config(preset)

@@ -31,7 +31,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_do
 GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("mlp_gate", "mlp_up", "mlp_down"),
           "experts": ("moe_gate_up", "moe_down"), "vision": ("vision_qkv", "vision_proj", "vision_fc1", "vision_fc2"),
           "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "moe_gate_up",
-                  "moe_down")}
+                  "moe_down"),
+          "all": TARGETS}
 SUFFIX = "_lora"
 
 
