@@ -50,8 +50,10 @@ class Program:
 
 
 def shard_bytes(tree) -> int:
-  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (device 0's shard)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (device 0's shard); 4-bit codes (QLoRA's
+  nf4 base) packed two to a byte, as XLA:TPU and XLA:GPU hold them."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
+             for x in jax.tree.leaves(tree))
 
 
 def abstract(tree, shardings):
