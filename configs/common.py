@@ -40,6 +40,9 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.scan_layers = placeholder(bool)  # layers in a scan; overlay: unrolled on CPU, scanned on GPU/TPU
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
   c.model.moe_impl = placeholder(str)  # ragged (grouped matmul), blocked (padded blocks) or dense; overlay: blocked on CPU
+  # With an expert mesh axis: all_gather (each device gets the expert group's token copies) or all_to_all (each copy
+  # goes once to its expert's device; ragged all-to-all on GPU/TPU, a padded dense one on CPU).
+  c.model.moe_dispatch = "all_gather"
   c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
   # Rematerialization presets (qwen3vl/model/remat.py): none, full, dots_with_no_batch_dims, minimal,
   # minimal_offload, custom (per tag: c.model.remat_custom = "q_proj:offload,attention:device"). Overlay: none

@@ -131,22 +131,33 @@ from qwen3vl.config import ModelConfig
 from qwen3vl.model.moe import MoE
 cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict())
 x = jax.random.normal(jax.random.key(1), (8, 12, cfg.text.hidden_size))
-graph = lambda impl: nnx.split(MoE(cfg.replace(moe_impl=impl), nnx.Rngs(0)))
+graph = lambda impl, dispatch="all_gather": nnx.split(MoE(cfg.replace(moe_impl=impl, moe_dispatch=dispatch),
+                                                           nnx.Rngs(0)))
 (dense, state), (ragged, _), (blocked, _) = graph("dense"), graph("ragged"), graph("blocked")
+ragged_a2a, blocked_a2a = graph("ragged", "all_to_all")[0], graph("blocked", "all_to_all")[0]
 params = nnx.to_pure_dict(state)
+# every copy to experts 0 and 1 (one shard of expert=4 gets all, the others none): x[..., 0] = 10 drives the router
+skewed = ({**params, "router": jnp.zeros_like(params["router"]).at[0, 0].set(5.0).at[0, 1].set(4.0)},
+          x.at[..., 0].set(10.0))
+inputs = {False: (params, x), True: skewed}
 def loss(graphdef, params, x):
   y, _ = nnx.merge(graphdef, params)(x)
   return (y * jnp.sin(jnp.arange(y.size).reshape(y.shape))).sum()
 grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), static_argnums=0)
-ref = grad(dense, params, x)
-for sizes, graphdef in (({"data": 8}, ragged), ({"fsdp": 2, "expert": 2, "tensor": 2}, ragged),
-                        ({"expert": 8}, ragged), ({"data": 2, "expert": 4}, ragged),
-                        ({"data": 2, "expert": 4}, blocked)):  # the CPU path, under the same shard_map
+refs = {skew: grad(dense, *inputs[skew]) for skew in inputs}
+for sizes, graphdef, skew in (({"data": 8}, ragged, False), ({"fsdp": 2, "expert": 2, "tensor": 2}, ragged, False),
+                              ({"expert": 8}, ragged, False), ({"data": 2, "expert": 4}, ragged, False),
+                              ({"data": 2, "expert": 4}, blocked, False),  # the CPU path, same shard_map
+                              ({"expert": 8}, ragged_a2a, False), ({"expert": 4, "fsdp": 2}, ragged_a2a, False),
+                              ({"fsdp": 2, "expert": 2, "tensor": 2}, blocked_a2a, False),
+                              ({"expert": 4, "fsdp": 2}, blocked_a2a, True), ({"expert": 8}, ragged_a2a, True)):
+  (p, xs), ref = inputs[skew], refs[skew]
   mesh = sharding.make_mesh(sizes)
   with jax.set_mesh(mesh):
-    placed = jax.device_put(params, sharding.param_shardings(state, mesh))
-    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=0)(graphdef, placed, x))
-    out = grad(graphdef, placed, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+    placed = jax.device_put(p, sharding.param_shardings(state, mesh))
+    jaxpr = str(jax.make_jaxpr(loss, static_argnums=0)(graphdef, placed, xs))
+    assert "shard_map" in jaxpr and ("all_to_all" in jaxpr) == (graphdef in (ragged_a2a, blocked_a2a))
+    out = grad(graphdef, placed, jax.device_put(xs, sharding.batch_sharding(mesh, 3)))
   np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(out[1])):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -157,11 +168,12 @@ for sizes, graphdef in (({"data": 8}, ragged), ({"fsdp": 2, "expert": 2, "tensor
 def test_expert_parallel_moe_equals_the_dense_reference():
   """The ragged MoE's shard_map (local routing, experts split over `expert`, all-gather + reduce-scatter of the
   expert group's tokens) gives the dense reference's value and gradients on four meshes of 8 devices, and the
-  blocked (CPU) experts under the same shard_map on one."""
+  blocked (CPU) experts under the same shard_map on one; so does the all-to-all dispatch (CPU transport: the
+  exchange arithmetic the accelerators' ragged all-to-all uses), also with every copy routed to one shard."""
   run = subprocess.run([sys.executable, "-c", MOE_ON_MESHES], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert run.stdout.count("ok") == 5
+  assert run.stdout.count("ok") == 10
 
 
 GENERATE_ON_A_MESH = """

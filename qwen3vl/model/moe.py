@@ -11,8 +11,11 @@ On a mesh (under `jax.set_mesh`, as the train step runs) the ragged path is a `s
 each device routes its own tokens (no global sort), FSDP gathers the weights, and with an `expert` axis of size
 n each device holds E/n experts: the tokens of its expert group are all-gathered along `expert`, the device runs
 its own experts on the copies routed to them, and a reduce-scatter returns every token's sum home. Expert
-weights and their compute stay at 1/n per device; activations cost n x the local tokens (an all-to-all that
-sends each copy only where its expert lives is the next step). The tensor axis is not split inside the experts.
+weights and their compute stay at 1/n per device; activations cost n x the local tokens. `moe_dispatch=
+"all_to_all"` instead sends each copy once to the device of its expert and back (model/expert_exchange.py: a
+ragged all-to-all on GPU/TPU, a padded dense one on CPU); its receive buffer is still sized for the worst case
+(every copy of the group to one device), so it saves traffic, not yet memory. The tensor axis is not split inside
+the experts.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen3vl.config import ModelConfig
+from qwen3vl.model import expert_exchange
 from qwen3vl.model.experts import block_rows, blocked_experts, expert_layout, from_layout, swiglu, to_layout
 from qwen3vl.model.layers import param, quantizable, weight_value
 from qwen3vl.model.lora import LoRA
@@ -60,6 +64,7 @@ class MoE(nnx.Module):
         LoRA(*shapes[w], lora, rngs) if lora is not None and f"moe_{w}" in lora.targets else None
         for w in ("gate_up", "down"))
     self.top_k, self.dtype, self.impl = t.num_experts_per_tok, cfg.precision_of("decoder")[0], cfg.moe_impl
+    self.dispatch = cfg.moe_dispatch
 
   def route(self, x: jax.Array):
     """x [T, H] -> (router logits [T, E], top-k weights [T, k] in the activation dtype, expert ids [T, k])."""
@@ -101,6 +106,8 @@ class MoE(nnx.Module):
     def local(x, weights, experts, gate_up, down):
       if expert_axis is None:
         return self._routed(x, weights, experts, gate_up, down, 0)
+      if self.dispatch == "all_to_all":
+        return self._exchanged(x, weights, experts, gate_up, down, expert_axis, mesh.shape[expert_axis])
       gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
       first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
       y = self._routed(gather(x), gather(weights), gather(experts), gate_up, down, first)
@@ -108,6 +115,25 @@ class MoE(nnx.Module):
 
     return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_weights, expert_weights),
                          out_specs=tokens)(x, weights, experts, gate_up, down)
+
+  def _exchanged(self, x, weights, experts, gate_up, down, axis: str, n: int):
+    """Each token copy sent once to the device of its expert (model/expert_exchange.py), run there, sent back."""
+    from qwen3vl.kernels.target import target_platform
+    transport = "ragged" if target_platform() in ("tpu", "gpu") else "dense"
+    t, k = experts.shape
+    per_shard = gate_up.shape[0]
+    flat = experts.reshape(-1)
+    p = expert_exchange.plan(flat // per_shard, n, axis)
+    capacity = n * t * k  # dropless: every copy of every device may go to one device's experts
+    rows = jnp.take(x, p.order // k, axis=0)
+    # expert ids travel shifted by one, so the zeros after the received rows mean "no expert" (dropped below)
+    ids = expert_exchange.send(flat[p.order] % per_shard + 1, p, capacity, axis, transport) - 1
+    received = expert_exchange.send(rows, p, capacity, axis, transport)
+    ids = jnp.where(ids < 0, per_shard, ids)[:, None]
+    out = self._routed(received, jnp.ones(ids.shape, received.dtype), ids, gate_up, down, 0)
+    back = expert_exchange.receive(out, p, t * k, axis, transport)
+    copies = jnp.zeros_like(back).at[p.order].set(back)  # sorted position -> its copy
+    return jnp.einsum("tkh,tk->th", copies.reshape(t, k, -1), weights)
 
   def _routed(self, x, weights, experts, gate_up, down, first):
     """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies

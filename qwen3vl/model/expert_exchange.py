@@ -1,0 +1,83 @@
+"""Expert-parallel token exchange: each device sends every token copy once, to the device that holds its expert,
+and gets the results back the same way (the all-to-all dispatch of MaxText and GShard, dropless).
+
+`plan` is the index arithmetic, shared by both transports: the device's copies sorted by destination shard (a
+ragged array: `input_offsets`, `send_sizes`), and, from every device's send sizes (an all_gather of n integers),
+where each chunk lands on its receiver (`output_offsets`) and what each device receives (`recv_offsets`,
+`recv_sizes`). A receiver holds what it got contiguously by source, in a buffer of `capacity` rows.
+
+Transports: "ragged" is `jax.lax.ragged_all_to_all` (XLA:TPU and XLA:GPU; XLA:CPU does not implement it);
+"dense" moves the same chunks padded to the largest possible chunk with a dense `all_to_all` and lays them out as
+the ragged one does, so the CPU tests check the arithmetic the accelerators use. The dense transport's buffers
+are n x the local copies (as large as gathering them); only the ragged one saves memory.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Plan(NamedTuple):
+  order: jax.Array           # [C] the copy at each sorted position (sorted by destination shard)
+  input_offsets: jax.Array   # [n] where the chunk for shard j starts in the sorted copies
+  send_sizes: jax.Array      # [n] copies sent to shard j
+  output_offsets: jax.Array  # [n] where the chunk sent to shard j starts in j's receive buffer
+  recv_offsets: jax.Array    # [n] where the chunk from shard i starts in this device's receive buffer
+  recv_sizes: jax.Array      # [n] copies received from shard i
+  return_offsets: jax.Array  # [n] where the results for shard i's chunk go back in i's sorted copies
+
+
+def plan(dest: jax.Array, n: int, axis_name: str) -> Plan:
+  """dest [C]: the shard (0..n-1) of each of this device's copies; inside a shard_map over `axis_name`."""
+  sizes = jnp.bincount(dest, length=n).astype(jnp.int32)
+  order = jnp.argsort(dest, stable=True).astype(jnp.int32)
+  offsets = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
+  every = jax.lax.all_gather(sizes, axis_name)  # [source, destination]
+  before = jnp.cumsum(every, axis=0) - every    # rows that lower sources send to each destination
+  me = jax.lax.axis_index(axis_name)
+  recv_sizes = every[:, me]
+  return Plan(order, offsets, sizes, before[me], before[:, me], recv_sizes,
+              jax.lax.all_gather(offsets, axis_name)[:, me])
+
+
+def send(rows: jax.Array, p: Plan, capacity: int, axis_name: str, transport: str) -> jax.Array:
+  """rows [C, ...] in sorted order -> [capacity, ...]: what this device receives, by source (zeros after)."""
+  out = jnp.zeros((capacity,) + rows.shape[1:], rows.dtype)
+  if transport == "ragged":
+    return jax.lax.ragged_all_to_all(rows, out, p.input_offsets, p.send_sizes, p.output_offsets, p.recv_sizes,
+                                     axis_name=axis_name)
+  chunks = jax.lax.all_to_all(_pack(rows, p.input_offsets, p.send_sizes, rows.shape[0]), axis_name, 0, 0)
+  return _unpack(chunks, p.recv_offsets, p.recv_sizes, capacity)
+
+
+def receive(results: jax.Array, p: Plan, copies: int, axis_name: str, transport: str) -> jax.Array:
+  """The way back: results [capacity, ...] laid out as `send` returned -> [C, ...] in this device's sorted order."""
+  out = jnp.zeros((copies,) + results.shape[1:], results.dtype)
+  if transport == "ragged":
+    return jax.lax.ragged_all_to_all(results, out, p.recv_offsets, p.recv_sizes, p.return_offsets, p.send_sizes,
+                                     axis_name=axis_name)
+  chunks = jax.lax.all_to_all(_pack(results, p.recv_offsets, p.recv_sizes, copies), axis_name, 0, 0)
+  return _unpack(chunks, p.input_offsets, p.send_sizes, copies)
+
+
+def _pack(rows, offsets, sizes, width):
+  """[n, width, ...]: chunk j (rows offsets[j] .. + sizes[j]) at [j, :sizes[j]], zeros after."""
+  r = jnp.arange(width)
+  index = offsets[:, None] + r[None, :]
+  valid = r[None, :] < sizes[:, None]
+  return jnp.take(rows, jnp.where(valid, index, rows.shape[0]), axis=0, mode="fill", fill_value=0)
+
+
+def _unpack(chunks, offsets, sizes, length):
+  """chunks [n, width, ...] -> [length, ...]: chunk i's first sizes[i] rows at offsets[i], the chunks contiguous
+  (offsets the exclusive cumulative sum of sizes); zeros after them."""
+  n, width = chunks.shape[:2]
+  row = jnp.arange(length)
+  found = jnp.searchsorted(offsets + sizes, row, side="right")  # the first chunk ending after the row
+  source = jnp.minimum(found, n - 1)
+  r = row - offsets[source]
+  valid = found < n
+  flat = chunks.reshape((n * width,) + chunks.shape[2:])
+  return jnp.take(flat, jnp.where(valid, source * width + r, n * width), axis=0, mode="fill", fill_value=0)
