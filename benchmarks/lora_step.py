@@ -15,10 +15,9 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qwen3vl import distributed, hardware, sharding  # noqa: E402
+from qwen3vl import distributed, hardware  # noqa: E402
 from qwen3vl.data.tokenizer import Tokenizer  # noqa: E402
 from qwen3vl.train import adapters, init_from, trainer  # noqa: E402
 from qwen3vl.train.optim import make_optimizer  # noqa: E402
@@ -34,9 +33,7 @@ def build(config):
   graphdef, params, frozen, mesh = trainer.initial_params(config, cfg, start)
   tx = make_optimizer(config.optim, config.train.steps, params)
   shardings = trainer.state_shardings(params, tx, mesh, config)
-  state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-           "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
-           "rng": sharding.place(jax.random.key_data(jax.random.key(0)), shardings["rng"])}
+  state = trainer.initial_state(params, tx, shardings, config.seed)
   loader, _ = trainer.make_loaders(config, tokenizer, cfg)
   batches = [distributed.global_batch(next(loader), mesh, cfg.vision.spatial_merge_size) for _ in range(4)]
   return trainer.TrainStep(graphdef, tx, config, shardings, mesh), state, frozen, batches

@@ -186,7 +186,7 @@ def test_lora_run_checkpoints_adapters_resumes_exactly_and_is_served(base_workdi
 
   # infer.py's loader folds the adapters into the dequantized base: equal to the LoRA model itself
   cfg = ModelConfig.from_dict(json.load(open(os.path.join(straight, "model_config.json"))))
-  plain, merged = init_from.workdir_params(straight)
+  plain, merged, _ = init_from.workdir_params(straight)
   assert plain.lora_rank == 0 and plain.base_quant == ""
   full = adapters.build(init_from.abstract_params(cfg), init_from.base_params(base_workdir, cfg), cfg)
   params = adapters.join(adapters.split(full, cfg)[1], adapters.conform(

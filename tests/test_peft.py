@@ -122,7 +122,7 @@ def test_lora_workdir_exports_both_ways(tmp_path):
   # merged: a HF directory with the run's tokenizer and the run's weights, adapters folded in
   assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
   reloaded = nnx.to_pure_dict(nnx.state(hf.load_pretrained(str(tmp_path / "merged")), nnx.Param))
-  _, want = init_from.workdir_params(workdir)
+  _, want, _ = init_from.workdir_params(workdir)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), reloaded, adapters.conform(want, reloaded))
 
   # PEFT: base + s * B A per adapted module gives the merged weights (HF layout, as PEFT merges)

@@ -35,9 +35,8 @@ def _load_workdir(path: str, dtype: str | None):
   """Model, tokenizer and processors of a train.py work directory (parameters of the newest checkpoint; a LoRA
   run's adapters folded into its base)."""
   from qwen3vl.train import adapters, init_from
-  plain, params = init_from.workdir_params(path)
+  plain, params, step = init_from.workdir_params(path)
   cfg = plain.replace(dtype=dtype or "float32", param_dtype="float32")
-  step = f"step {_latest_step(path)}"
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
   params = adapters.conform(params, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32)
@@ -47,12 +46,7 @@ def _load_workdir(path: str, dtype: str | None):
   image_processor, video_processor = processors_for(cfg.vision, min_pixels=data.get("min_pixels"),
                                                     max_pixels=data.get("max_pixels"))
   return (model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")), image_processor, video_processor, [],
-          step)
-
-
-def _latest_step(path: str) -> int:
-  steps = [int(d) for d in os.listdir(os.path.join(path, "checkpoints")) if d.isdigit()]
-  return max(steps)
+          f"step {step}")
 
 
 def _load_hf(path: str, dtype: str | None):

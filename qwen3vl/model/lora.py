@@ -29,10 +29,8 @@ from flax import nnx
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "moe_gate_up", "moe_down",
            "vision_qkv", "vision_proj", "vision_fc1", "vision_fc2", "merger")
 GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("mlp_gate", "mlp_up", "mlp_down"),
-          "experts": ("moe_gate_up", "moe_down"), "vision": ("vision_qkv", "vision_proj", "vision_fc1", "vision_fc2"),
-          "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "moe_gate_up",
-                  "moe_down"),
-          "all": TARGETS}
+          "experts": ("moe_gate_up", "moe_down"), "vision": ("vision_qkv", "vision_proj", "vision_fc1", "vision_fc2")}
+GROUPS.update(llm=GROUPS["attention"] + GROUPS["mlp"] + GROUPS["experts"], all=TARGETS)
 SUFFIX = "_lora"
 
 

@@ -28,7 +28,7 @@ def merged(workdir: str, out: str, dtype: str | None = None) -> str:
   from flax import nnx
   from qwen3vl import hf
   from qwen3vl.model.vlm import Qwen3VL
-  cfg, params = init_from.workdir_params(workdir)
+  cfg, params, _ = init_from.workdir_params(workdir)
   dtype = dtype or cfg.param_dtype
   cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3VL(cfg, rngs=nnx.Rngs(0))))
@@ -45,7 +45,7 @@ def peft_adapters(workdir: str, out: str) -> str | None:
   if not init_from.run_config(workdir).lora_rank:
     raise ValueError(f"--peft: {workdir} is a full fine-tuning run (lora_rank 0 in model_config.json), it has no "
                      f"adapters to export; use --merged")
-  cfg, params, base = init_from.restore(workdir)
+  cfg, params, base, _ = init_from.restore(workdir)
   trained = adapters.conform(params, adapters.split(init_from.abstract_params(cfg), cfg)[0])
   peft.save_adapters(trained, cfg, out, base_model_name_or_path=base.get("init_from"))
   return base.get("init_from")

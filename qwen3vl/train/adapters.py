@@ -99,7 +99,7 @@ def merge(params: dict, cfg: ModelConfig) -> dict:
   """Adapters folded into their weights (w + alpha / r * A B, dequantized first where held as codes): the
   parameters of the plain model `cfg.replace(lora_rank=0, base_quant="")`, as float32 host arrays where a weight
   was adapted or quantized, other leaves as they were."""
-  scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+  scale = cfg.lora_spec.scale if cfg.lora_rank else 0.0
 
   def walk(tree: dict):
     out = {}

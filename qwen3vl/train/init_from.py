@@ -66,9 +66,10 @@ def run_config(path: str) -> ModelConfig:
     return ModelConfig.from_dict(json.load(f))
 
 
-def restore(path: str) -> tuple[ModelConfig, dict, dict]:
+def restore(path: str) -> tuple[ModelConfig, dict, dict, int]:
   """(the run's model config, with any adapters; host parameters of its newest checkpoint as saved: a LoRA run's
-  adapters only, list keys as Orbax restores them; the Orbax item `base`: {"init_from": path} for a LoRA run)."""
+  adapters only, list keys as Orbax restores them; the Orbax item `base`: {"init_from": path} for a LoRA run;
+  the checkpoint's step)."""
   from qwen3vl.train.checkpoint import Checkpointer
   cfg = run_config(path)
   ckpt = Checkpointer(path, keep=1000, async_save=False)
@@ -79,13 +80,13 @@ def restore(path: str) -> tuple[ModelConfig, dict, dict]:
     params, base = ckpt.restore_params(step), ckpt.restore_base(step)
   finally:
     ckpt.close()
-  return cfg, jax.tree.map(np.asarray, params), base
+  return cfg, jax.tree.map(np.asarray, params), base, step
 
 
-def workdir_params(path: str) -> tuple[ModelConfig, dict]:
+def workdir_params(path: str) -> tuple[ModelConfig, dict, int]:
   """(the run's model config without adapters, host parameters of its newest checkpoint with any adapters
-  folded in)."""
-  cfg, params, base = restore(path)
+  folded in, that checkpoint's step)."""
+  cfg, params, base, step = restore(path)
   if cfg.lora_rank:
     if not base.get("init_from"):
       raise ValueError(f"{path}: a LoRA run whose checkpoint does not name its base (Orbax item 'base')")
@@ -93,4 +94,4 @@ def workdir_params(path: str) -> tuple[ModelConfig, dict]:
     frozen = adapters.split(adapters.build(abstract, base_params(base["init_from"], cfg), cfg), cfg)[1]
     trained = adapters.conform(params, adapters.split(abstract, cfg)[0])
     params = adapters.merge(adapters.join(frozen, trained), cfg)
-  return cfg.replace(**PLAIN), params
+  return cfg.replace(**PLAIN), params, step

@@ -144,6 +144,13 @@ def initial_params(config, cfg: ModelConfig, start_from: str | None):
   return graphdef, trainable, frozen, mesh
 
 
+def initial_state(params, tx, shardings: dict, seed: int) -> dict:
+  """The train state at step 0, placed by `shardings` (`state_shardings`)."""
+  return {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+          "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
+          "rng": sharding.place(jax.random.key_data(jax.random.key(seed)), shardings["rng"])}
+
+
 # ------------------------------------------------------------------------------------------------ step fns
 def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   """Training routes Mixture-of-Depths layers by the row's top-k, evaluation by the causal predictor (what
@@ -288,9 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   graphdef, params, frozen, mesh = initial_params(config, cfg, start_from)
   tx = make_optimizer(config.optim, config.train.steps, params)
   shardings = state_shardings(params, tx, mesh, config)
-  train_state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-                 "step": sharding.place(np.zeros((), np.int32), shardings["step"]),
-                 "rng": sharding.place(jax.random.key_data(jax.random.key(config.seed)), shardings["rng"])}
+  train_state = initial_state(params, tx, shardings, config.seed)
   local, total = sharding.bytes_per_device([train_state["params"], train_state["opt_state"], frozen])
   kinds = {x.sharding.memory_kind for x in jax.tree.leaves(train_state["opt_state"])}
   where = " (optimizer state in pinned host memory)" if kinds == {"pinned_host"} else ""
