@@ -40,9 +40,12 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.scan_layers = placeholder(bool)  # layers in a scan; overlay: unrolled on CPU, scanned on GPU/TPU
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
   c.model.moe_impl = placeholder(str)  # ragged (grouped matmul), blocked (padded blocks) or dense; overlay: blocked on CPU
-  # With an expert mesh axis: all_gather (each device gets the expert group's token copies) or all_to_all (each copy
-  # goes once to its expert's device; ragged all-to-all on GPU/TPU, a padded dense one on CPU).
-  c.model.moe_dispatch = "all_gather"
+  # With an expert mesh axis: all_to_all (each copy goes once to its expert's device; ragged all-to-all on GPU/TPU,
+  # a padded dense one on CPU) or all_gather (each device gets the expert group's token copies). capacity_factor
+  # (all_to_all): a device receives at most this x its own token copies, the rest dropped (train/moe_dropped);
+  # 0 = dropless, whose receive buffer is sized for every copy of the expert group.
+  c.model.moe_dispatch = "all_to_all"
+  c.model.moe_capacity_factor = 0.0
   c.model.vision_block_size = 128  # block-sparse vision attention over per-image blocks; 0 = segment-masked
   # Rematerialization presets (qwen3vl/model/remat.py): none, full, dots_with_no_batch_dims, minimal,
   # minimal_offload, custom (per tag: c.model.remat_custom = "q_proj:offload,attention:device"). Overlay: none

@@ -16,7 +16,7 @@ from qwen3vl.model import remat
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # ModelConfig fields that are runtime switches, not architecture (never written to config.json).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "attention_impl", "moe_impl", "moe_dispatch",
-                  "vision_block_size", "remat",
+                  "moe_capacity_factor", "vision_block_size", "remat",
                   "vision_remat", "remat_custom", "exit_layers", "exit_threshold", "precision", "vision_token_ratio",
                   "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_quant")
 PRECISION_PARTS = ("vision", "decoder", "head")
@@ -103,9 +103,12 @@ class ModelConfig:
   # "ragged" (jax.lax.ragged_dot, dropless), "blocked" (the same, padded blocks and a batched matmul: XLA:CPU) or
   # "dense" (reference, all experts)
   moe_impl: str = "ragged"
-  # How an `expert` mesh axis moves token copies (model/moe.py): "all_gather" (every copy of the expert group to
-  # every device) or "all_to_all" (each copy once, to its expert's device: model/expert_exchange.py).
-  moe_dispatch: str = "all_gather"
+  # How an `expert` mesh axis moves token copies (model/moe.py): "all_to_all" (each copy once, to its expert's
+  # device: model/expert_exchange.py) or "all_gather" (every copy of the expert group to every device).
+  moe_dispatch: str = "all_to_all"
+  # all_to_all only: rows a device receives = this x its own token copies (copies past that are dropped and
+  # counted in the metrics); 0 = dropless (room for every copy of the expert group).
+  moe_capacity_factor: float = 0.0
   # > 0: vision attention through kernels.block_sparse_attention over the per-image block layout, so packed images
   # cost the sum of their squared lengths (in blocks of this many patches); 0: kernels.attention with segment ids.
   vision_block_size: int = 128
@@ -196,6 +199,9 @@ class ModelConfig:
     _check(0.0 < self.exit_threshold <= 1.0, "exit_threshold", f"{self.exit_threshold} must be in (0, 1]")
     _check(self.moe_dispatch in ("all_gather", "all_to_all"), "moe_dispatch",
            f"{self.moe_dispatch!r} is not 'all_gather' or 'all_to_all'")
+    _check(self.moe_capacity_factor >= 0 and (self.moe_capacity_factor == 0 or self.moe_dispatch == "all_to_all"),
+           "moe_capacity_factor", f"{self.moe_capacity_factor} must be >= 0, and 0 (dropless) unless "
+           "moe_dispatch='all_to_all'")
     _check(self.moe_impl in ("ragged", "blocked", "dense"), "moe_impl",
            f"{self.moe_impl!r} is not 'ragged', 'blocked' or 'dense'")
     for field in ("remat", "vision_remat"):

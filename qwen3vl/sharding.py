@@ -4,7 +4,8 @@ The model tags every parameter with logical names (`embed`, `mlp`, `heads`, `exp
 `model/layers.py`) and names no mesh axis. One rules table turns names into mesh axes, so data parallel, FSDP,
 tensor and expert parallel are the same code with different `config.mesh` sizes: FSDP shards the `embed` dimension
 of every weight, tensor parallelism the heads / MLP / vocabulary dimension, expert parallelism the experts, and the
-batch goes over every axis that is not tensor (the expert axis doubles as a data axis for the non-expert layers).
+batch goes over every axis that is not tensor (the expert axis doubles as a data and FSDP axis for the non-expert
+layers: without that, a pod's expert=64 would hold every attention weight and its optimizer state whole).
 A dimension a mesh axis does not divide stays whole (a tiny config on 8 devices still runs), and the sharding
 that results is what `describe` prints and the golden table in tests pins.
 """
@@ -25,8 +26,10 @@ BATCH = ("data", "fsdp", "expert")  # mesh axes the batch (and the vision tower'
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH),
     ("layers", None),
-    ("embed", "fsdp"),
-    ("out_embed", "fsdp"),
+    # The expert axis shards the model width too (FSDP over fsdp x expert): expert weights take `expert` on their
+    # experts dimension first, so this reaches only the rest, which would otherwise be whole on every expert shard.
+    ("embed", ("fsdp", "expert")),
+    ("out_embed", ("fsdp", "expert")),
     ("patch", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -57,7 +57,7 @@ def test_mesh_sizes():
 
 
 FLAGS = ["--config.train.steps=6", "--config.train.log_every=1", "--config.train.eval_every=1000",
-         "--config.train.checkpoint_every=1000", "--config.data.batch_size=4", "--config.data.max_length=64",
+         "--config.train.checkpoint_every=1000", "--config.data.batch_size=8", "--config.data.max_length=64",
          "--config.data.max_patches=64", "--config.data.synthetic_eval_size=4", "--config.train.eval_batches=1"]
 
 
@@ -92,6 +92,8 @@ def runs(tmp_path_factory):
   procs = {"one": _start(base / "one", 1),
            "eight": _start(base / "eight", 8, "--config.mesh.fsdp=2", "--config.mesh.expert=2",
                            "--config.mesh.tensor=2", "--config.model.moe_impl=ragged"),
+           "expert8": _start(base / "expert8", 8, "--config.mesh.expert=8"),
+           "expert4_fsdp2": _start(base / "expert4_fsdp2", 8, "--config.mesh.expert=4", "--config.mesh.fsdp=2"),
            "two/0": _start(base / "two", 1, *two, "--config.distributed.process_id=0"),
            "two/1": _start(base / "two", 1, *two, "--config.distributed.process_id=1")}
   outputs = {k: p.communicate(timeout=900)[0] for k, p in procs.items()}
@@ -100,14 +102,18 @@ def runs(tmp_path_factory):
   return base, outputs
 
 
-def test_one_device_and_eight_give_the_same_losses(runs):
+@pytest.mark.parametrize("mesh", ["eight", "expert8", "expert4_fsdp2"])
+def test_one_device_and_eight_give_the_same_losses(runs, mesh):
+  """train.py on 8 devices logs the one-device losses: fsdp 2 x expert 2 x tensor 2 (ragged experts, their width
+  over tensor), expert 8 and expert 4 x fsdp 2 (the CPU's blocked experts); all with the all-to-all dispatch."""
   base, outputs = runs
-  one, eight = _losses(base / "one"), _losses(base / "eight")
-  (local1, total1), (local8, total8) = _bytes(outputs["one"]), _bytes(outputs["eight"])
+  one, eight = _losses(base / "one"), _losses(base / mesh)
+  (local1, total1), (local8, total8) = _bytes(outputs["one"]), _bytes(outputs[mesh])
   assert len(one) == len(eight) == 6
   np.testing.assert_allclose(eight, one, rtol=1e-3)
   assert local1 == total1 == total8
-  assert local8 < total8 / 3  # most weights split 4 or 8 ways; only norms and the router stay at 2 or whole
+  assert local8 < total8 / 3  # most weights split 4 or 8 ways (the expert axis as FSDP too); norms at 2 or whole
+  assert "moe: all_to_all" in outputs[mesh], outputs[mesh][-2000:]
 
 
 def test_two_processes_give_the_one_process_losses(runs):
@@ -131,37 +137,73 @@ from qwen3vl.config import ModelConfig
 from qwen3vl.model.moe import MoE
 cfg = ModelConfig.from_dict(models.get_config("tiny_moe").to_dict())
 x = jax.random.normal(jax.random.key(1), (8, 12, cfg.text.hidden_size))
-graph = lambda impl, dispatch="all_gather": nnx.split(MoE(cfg.replace(moe_impl=impl, moe_dispatch=dispatch),
-                                                           nnx.Rngs(0)))
-(dense, state), (ragged, _), (blocked, _) = graph("dense"), graph("ragged"), graph("blocked")
-ragged_a2a, blocked_a2a = graph("ragged", "all_to_all")[0], graph("blocked", "all_to_all")[0]
+graph = lambda impl, dispatch="all_gather", capacity=0.0: nnx.split(MoE(cfg.replace(
+    moe_impl=impl, moe_dispatch=dispatch, moe_capacity_factor=capacity), nnx.Rngs(0)))[0]
+dense, state = nnx.split(MoE(cfg.replace(moe_impl="dense"), nnx.Rngs(0)))
+ragged, blocked, ragged_a2a, blocked_a2a = (graph("ragged"), graph("blocked"), graph("ragged", "all_to_all"),
+                                            graph("blocked", "all_to_all"))
+ragged_cap1, blocked_cap1 = graph("ragged", "all_to_all", 1.0), graph("blocked", "all_to_all", 1.0)
 params = nnx.to_pure_dict(state)
 # every copy to experts 0 and 1 (one shard of expert=4 gets all, the others none): x[..., 0] = 10 drives the router
 skewed = ({**params, "router": jnp.zeros_like(params["router"]).at[0, 0].set(5.0).at[0, 1].set(4.0)},
           x.at[..., 0].set(10.0))
 inputs = {False: (params, x), True: skewed}
+weight = jnp.sin(jnp.arange(x.size).reshape(x.shape))
 def loss(graphdef, params, x):
-  y, _ = nnx.merge(graphdef, params)(x)
-  return (y * jnp.sin(jnp.arange(y.size).reshape(y.shape))).sum()
-grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2)), static_argnums=0)
-refs = {skew: grad(dense, *inputs[skew]) for skew in inputs}
-for sizes, graphdef, skew in (({"data": 8}, ragged, False), ({"fsdp": 2, "expert": 2, "tensor": 2}, ragged, False),
-                              ({"expert": 8}, ragged, False), ({"data": 2, "expert": 4}, ragged, False),
-                              ({"data": 2, "expert": 4}, blocked, False),  # the CPU path, same shard_map
-                              ({"expert": 8}, ragged_a2a, False), ({"expert": 4, "fsdp": 2}, ragged_a2a, False),
-                              ({"fsdp": 2, "expert": 2, "tensor": 2}, blocked_a2a, False),
-                              ({"expert": 4, "fsdp": 2}, blocked_a2a, True), ({"expert": 8}, ragged_a2a, True)):
+  y, _, dropped = nnx.merge(graphdef, params)(x)
+  return (y * weight).sum(), dropped
+def dense_loss(params, x, keep):  # the dense MoE, each token copy's weight times keep (1, or 0: dropped)
+  m = nnx.merge(dense, params)
+  _, w, e = m.route(x.reshape(-1, x.shape[-1]))
+  return (m._dense(x.reshape(-1, x.shape[-1]), w * keep, e).reshape(x.shape) * weight).sum(), 1.0 - keep.mean()
+def kept(params, x, n, capacity):
+  # Which copies the all-to-all keeps, by the rule written out: tokens in blocks over the batch axes (expert
+  # innermost); each receiver of an expert group takes copies in source order, then token order, while it has room.
+  _, _, e = nnx.merge(dense, params).route(x.reshape(-1, x.shape[-1]))
+  e = np.asarray(e)
+  per_device, k, per_shard = e.shape[0] // 8, e.shape[1], cfg.text.num_experts // n
+  keep = np.ones(e.shape, np.float32)
+  for group in range(8 // n):
+    for receiver in range(n):
+      room = capacity
+      for source in range(n):
+        first = (group * n + source) * per_device
+        for c in np.nonzero(e[first:first + per_device].reshape(-1) // per_shard == receiver)[0]:
+          room -= 1
+          if room < 0:
+            keep[first + c // k, c % k] = 0.0
+  return jnp.asarray(keep)
+grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+dense_grad = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1), has_aux=True))
+every = jnp.ones((x.size // x.shape[-1], cfg.text.num_experts_per_tok))
+refs = {skew: dense_grad(*inputs[skew], every) for skew in inputs}
+cases = [({"data": 8}, ragged, False), ({"fsdp": 2, "expert": 2, "tensor": 2}, ragged, False),
+         ({"expert": 8}, ragged, False), ({"data": 2, "expert": 4}, ragged, False),
+         ({"data": 2, "expert": 4}, blocked, False),  # the CPU path, same shard_map
+         ({"expert": 8}, ragged_a2a, False), ({"expert": 4, "fsdp": 2}, ragged_a2a, False),
+         ({"fsdp": 2, "expert": 2, "tensor": 2}, blocked_a2a, False),  # tensor: the experts' width split too
+         ({"data": 4, "tensor": 2}, ragged, False),  # tensor inside the experts, no expert axis
+         ({"expert": 4, "fsdp": 2}, blocked_a2a, True), ({"expert": 8}, ragged_a2a, True),
+         ({"expert": 4, "fsdp": 2}, ragged_cap1, False), ({"expert": 8}, blocked_cap1, True)]
+for sizes, graphdef, skew in cases:
   (p, xs), ref = inputs[skew], refs[skew]
+  a2a = graphdef in (ragged_a2a, blocked_a2a, ragged_cap1, blocked_cap1)
+  if graphdef in (ragged_cap1, blocked_cap1):  # capacity 1 x the 24 local copies: the rest dropped, by the rule
+    keep = kept(p, xs, sizes["expert"], 24)
+    assert 0 < keep.mean() < 1, keep.mean()
+    ref = dense_grad(p, xs, keep)
   mesh = sharding.make_mesh(sizes)
   with jax.set_mesh(mesh):
     placed = jax.device_put(p, sharding.param_shardings(state, mesh))
     jaxpr = str(jax.make_jaxpr(loss, static_argnums=0)(graphdef, placed, xs))
-    assert "shard_map" in jaxpr and ("all_to_all" in jaxpr) == (graphdef in (ragged_a2a, blocked_a2a))
+    assert "shard_map" in jaxpr and ("all_to_all" in jaxpr) == a2a
+    assert ("axes=('tensor',)" in jaxpr) == ("tensor" in sizes), jaxpr  # the experts' width over tensor: summed
     out = grad(graphdef, placed, jax.device_put(xs, sharding.batch_sharding(mesh, 3)))
-  np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(out[1])):
+  np.testing.assert_allclose(out[0][0], ref[0][0], rtol=1e-5)
+  np.testing.assert_allclose(out[0][1], ref[0][1], atol=1e-6)  # the fraction of copies dropped
+  for a, b in zip(jax.tree.leaves(ref[1][0]) + [ref[1][1]], jax.tree.leaves(out[1])):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-  print("ok", sizes)
+  print("ok", sizes, float(out[0][1]))
 """
 
 
@@ -173,7 +215,7 @@ def test_expert_parallel_moe_equals_the_dense_reference():
   run = subprocess.run([sys.executable, "-c", MOE_ON_MESHES], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert run.stdout.count("ok") == 10
+  assert run.stdout.count("ok") == 13
 
 
 GENERATE_ON_A_MESH = """

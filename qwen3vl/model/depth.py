@@ -39,7 +39,7 @@ class DepthRouter(nnx.Module):
 
 
 def route_topk(layer, router: DepthRouter, h, cos, sin, segment_ids, capacity: float):
-  """The training path. h [B, L, H] -> (h, MoE router logits [B*L, E] or None, processed tokens [B, L] bool,
+  """The training path. h [B, L, H] -> (h, MoE routing (text.DecoderLayer) or None, processed tokens [B, L] bool,
   predictor statistics {loss, agree, tokens, processed} as float32 sums)."""
   b, l, _ = h.shape
   score, valid = router.score(h), segment_ids > 0
@@ -51,13 +51,14 @@ def route_topk(layer, router: DepthRouter, h, cos, sin, segment_ids, capacity: f
 
   seg = jnp.where(gather(chosen), gather(segment_ids), 0)  # padding picked to fill k stays padding
   x = gather(h)
-  out, router_logits, _ = layer(x, gather(cos), gather(sin), seg)
+  out, routing, _ = layer(x, gather(cos), gather(sin), seg)
   weight = jax.nn.sigmoid(gather(score)) * (seg > 0)
   h = h.at[rows, idx].add((weight[..., None] * (out - x)).astype(h.dtype))
-  if router_logits is not None:  # back to one row per token; tokens the layer skipped are masked out
-    router_logits = jnp.zeros((b, l, router_logits.shape[-1]), router_logits.dtype).at[rows, idx].set(
-        router_logits.reshape(b, k, -1)).reshape(b * l, -1)
-  return h, router_logits, chosen, predictor_stats(router.predict(h), chosen, valid, chosen)
+  if routing is not None:  # router logits back to one row per token; tokens the layer skipped are masked out
+    logits, dropped = routing
+    routing = (jnp.zeros((b, l, logits.shape[-1]), logits.dtype).at[rows, idx].set(
+        logits.reshape(b, k, -1)).reshape(b * l, -1), dropped)
+  return h, routing, chosen, predictor_stats(router.predict(h), chosen, valid, chosen)
 
 
 def topk_choice(score, valid, capacity: float):
@@ -87,19 +88,19 @@ def predictor_stats(logits, chosen, valid, processed) -> dict:
 def route_causal(layer, router: DepthRouter, h, cos, sin, segment_ids, cache=None):
   """Inference: the predictor decides per token, causally. With `cache` (kv, layer number, index, mask; see
   text.Attention) the skipped tokens' slots of this layer are marked so later tokens never attend to them, and
-  a batch where no token is taken runs nothing. Returns (h, MoE router logits or None, taken [B, L], kv)."""
+  a batch where no token is taken runs nothing. Returns (h, MoE routing or None, taken [B, L], kv)."""
   take = router.predict(h) > 0
   if segment_ids is not None:  # a skipped token is no key for anyone (its own output is dropped)
     segment_ids = (segment_ids, jnp.where(take, segment_ids, -1))
 
   def run(layer, router, h, kv):
-    out, router_logits, kv = layer(h, cos, sin, segment_ids, None if cache is None else (kv,) + cache[1:])
+    out, routing, kv = layer(h, cos, sin, segment_ids, None if cache is None else (kv,) + cache[1:])
     weight = jax.nn.sigmoid(router.score(h))[..., None]
-    return jnp.where(take[..., None], h + (weight * (out - h)).astype(h.dtype), h), router_logits, kv
+    return jnp.where(take[..., None], h + (weight * (out - h)).astype(h.dtype), h), routing, kv
 
   if cache is None:
-    h, router_logits, _ = run(layer, router, h, None)
-    return h, router_logits, take, None
+    h, routing, _ = run(layer, router, h, None)
+    return h, routing, take, None
   kv, n, index, _ = cache
   h, kv = nnx.cond(take.any(), lambda *a: run(*a)[::2], lambda layer, router, h, kv: (h, kv), layer, router, h, kv)
   return h, None, take, kv.mark_skipped(n, index, ~take)

@@ -4,7 +4,10 @@ and gets the results back the same way (the all-to-all dispatch of MaxText and G
 `plan` is the index arithmetic, shared by both transports: the device's copies sorted by destination shard (a
 ragged array: `input_offsets`, `send_sizes`), and, from every device's send sizes (an all_gather of n integers),
 where each chunk lands on its receiver (`output_offsets`) and what each device receives (`recv_offsets`,
-`recv_sizes`). A receiver holds what it got contiguously by source, in a buffer of `capacity` rows.
+`recv_sizes`). A receiver holds what it got contiguously by source, in a buffer of `capacity` rows (static):
+dropless, capacity is every copy of the expert group (n x the local copies); smaller, each receiver keeps the
+first `capacity` rows in source order (lower source shards first, each chunk's copies in token order), senders
+send only what will be kept, and dropped copies come back as zeros (`Plan.dropped` counts them).
 
 Transports: "ragged" is `jax.lax.ragged_all_to_all` (XLA:TPU and XLA:GPU; XLA:CPU does not implement it);
 "dense" moves the same chunks padded to the largest possible chunk with a dense `all_to_all` and lays them out as
@@ -27,19 +30,22 @@ class Plan(NamedTuple):
   recv_offsets: jax.Array    # [n] where the chunk from shard i starts in this device's receive buffer
   recv_sizes: jax.Array      # [n] copies received from shard i
   return_offsets: jax.Array  # [n] where the results for shard i's chunk go back in i's sorted copies
+  dropped: jax.Array         # [] this device's copies that found no room at their receiver
 
 
-def plan(dest: jax.Array, n: int, axis_name: str) -> Plan:
-  """dest [C]: the shard (0..n-1) of each of this device's copies; inside a shard_map over `axis_name`."""
+def plan(dest: jax.Array, n: int, axis_name: str, capacity: int) -> Plan:
+  """dest [C]: the shard (0..n-1) of each of this device's copies; inside a shard_map over `axis_name`. Each
+  receiver keeps at most `capacity` rows (n * C: dropless)."""
   sizes = jnp.bincount(dest, length=n).astype(jnp.int32)
   order = jnp.argsort(dest, stable=True).astype(jnp.int32)
   offsets = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
   every = jax.lax.all_gather(sizes, axis_name)  # [source, destination]
-  before = jnp.cumsum(every, axis=0) - every    # rows that lower sources send to each destination
+  total = jnp.cumsum(every, axis=0)              # rows sources 0..i send to each destination
+  starts = jnp.minimum(total - every, capacity)  # where source i's chunk starts at each receiver
+  kept = jnp.minimum(total, capacity) - starts   # [source, destination] rows that fit
   me = jax.lax.axis_index(axis_name)
-  recv_sizes = every[:, me]
-  return Plan(order, offsets, sizes, before[me], before[:, me], recv_sizes,
-              jax.lax.all_gather(offsets, axis_name)[:, me])
+  return Plan(order, offsets, kept[me], starts[me], starts[:, me], kept[:, me],
+              jax.lax.all_gather(offsets, axis_name)[:, me], (sizes - kept[me]).sum())
 
 
 def send(rows: jax.Array, p: Plan, capacity: int, axis_name: str, transport: str) -> jax.Array:
@@ -48,7 +54,8 @@ def send(rows: jax.Array, p: Plan, capacity: int, axis_name: str, transport: str
   if transport == "ragged":
     return jax.lax.ragged_all_to_all(rows, out, p.input_offsets, p.send_sizes, p.output_offsets, p.recv_sizes,
                                      axis_name=axis_name)
-  chunks = jax.lax.all_to_all(_pack(rows, p.input_offsets, p.send_sizes, rows.shape[0]), axis_name, 0, 0)
+  width = min(rows.shape[0], capacity)  # the largest chunk that can be kept
+  chunks = jax.lax.all_to_all(_pack(rows, p.input_offsets, p.send_sizes, width), axis_name, 0, 0)
   return _unpack(chunks, p.recv_offsets, p.recv_sizes, capacity)
 
 
@@ -58,7 +65,8 @@ def receive(results: jax.Array, p: Plan, copies: int, axis_name: str, transport:
   if transport == "ragged":
     return jax.lax.ragged_all_to_all(results, out, p.recv_offsets, p.recv_sizes, p.return_offsets, p.send_sizes,
                                      axis_name=axis_name)
-  chunks = jax.lax.all_to_all(_pack(results, p.recv_offsets, p.recv_sizes, copies), axis_name, 0, 0)
+  width = min(results.shape[0], copies)
+  chunks = jax.lax.all_to_all(_pack(results, p.recv_offsets, p.recv_sizes, width), axis_name, 0, 0)
   return _unpack(chunks, p.input_offsets, p.send_sizes, copies)
 
 
@@ -71,13 +79,13 @@ def _pack(rows, offsets, sizes, width):
 
 
 def _unpack(chunks, offsets, sizes, length):
-  """chunks [n, width, ...] -> [length, ...]: chunk i's first sizes[i] rows at offsets[i], the chunks contiguous
-  (offsets the exclusive cumulative sum of sizes); zeros after them."""
+  """chunks [n, width, ...] -> [length, ...]: chunk i's first sizes[i] rows at offsets[i] (increasing offsets, the
+  chunks apart: gaps where a sender's copies were dropped); zeros elsewhere."""
   n, width = chunks.shape[:2]
   row = jnp.arange(length)
   found = jnp.searchsorted(offsets + sizes, row, side="right")  # the first chunk ending after the row
   source = jnp.minimum(found, n - 1)
   r = row - offsets[source]
-  valid = found < n
+  valid = (found < n) & (r >= 0)
   flat = chunks.reshape((n * width,) + chunks.shape[2:])
   return jnp.take(flat, jnp.where(valid, source * width + r, n * width), axis=0, mode="fill", fill_value=0)

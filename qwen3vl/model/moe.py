@@ -64,7 +64,7 @@ class MoE(nnx.Module):
         LoRA(*shapes[w], lora, rngs) if lora is not None and f"moe_{w}" in lora.targets else None
         for w in ("gate_up", "down"))
     self.top_k, self.dtype, self.impl = t.num_experts_per_tok, cfg.precision_of("decoder")[0], cfg.moe_impl
-    self.dispatch = cfg.moe_dispatch
+    self.dispatch, self.capacity_factor = cfg.moe_dispatch, cfg.moe_capacity_factor
 
   def route(self, x: jax.Array):
     """x [T, H] -> (router logits [T, E], top-k weights [T, k] in the activation dtype, expert ids [T, k])."""
@@ -75,12 +75,15 @@ class MoE(nnx.Module):
     return logits, weights.astype(self.dtype), experts
 
   def __call__(self, x: jax.Array):
-    """x [..., H] -> (y [..., H], router logits [tokens, E])."""
+    """x [..., H] -> (y [..., H], router logits [tokens, E], fraction of token copies dropped for want of room)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).astype(self.dtype)
     logits, weights, experts = self.route(x)
-    y = self._dense(x, weights, experts) if self.impl == "dense" else self._ragged(x, weights, experts)
-    return y.reshape(shape), logits
+    if self.impl == "dense":
+      y, dropped = self._dense(x, weights, experts), jnp.zeros((), jnp.float32)
+    else:
+      y, dropped = self._ragged(x, weights, experts)
+    return y.reshape(shape), logits, dropped
 
   def expert_weights(self):
     """(gate_up, down) in the compute dtype: dequantized when held as codes, LoRA adapters merged in."""
@@ -93,38 +96,54 @@ class MoE(nnx.Module):
 
   def _ragged(self, x, weights, experts):
     gate_up, down = self.expert_weights()
+    none_dropped = jnp.zeros((), jnp.float32)
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = tuple(a for a in BATCH if not mesh.empty and mesh.shape[a] > 1)
-    if not batch_axes:
-      return self._routed(x, weights, experts, gate_up, down, 0)
-    expert_axis = "expert" if mesh.shape["expert"] > 1 and gate_up.shape[0] % mesh.shape["expert"] == 0 else None
+    if mesh.empty:
+      return self._routed(x, weights, experts, gate_up, down, 0), none_dropped
+    batch_axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
+    expert_axis = "expert" if mesh.shape["expert"] > 1 and down.shape[0] % mesh.shape["expert"] == 0 else None
+    tensor_axis = "tensor" if mesh.shape["tensor"] > 1 and down.shape[1] % mesh.shape["tensor"] == 0 else None
+    if not batch_axes and tensor_axis is None:
+      return self._routed(x, weights, experts, gate_up, down, 0), none_dropped
     if x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
       raise ValueError(f"MoE: {x.shape[0]} tokens do not split over the batch axes {batch_axes} of {mesh}")
-    tokens = P(batch_axes)
-    expert_weights = P(expert_axis)  # whole over fsdp / tensor: shard_map's input gathers them
+    tokens = P(batch_axes or None)
+    # Experts over `expert`, their MLP width over `tensor` (gate and up split alike: [E, H, 2, I] then back), whole
+    # over fsdp (shard_map's input gathers them).
+    gate_up = gate_up.reshape(gate_up.shape[:2] + (2, -1))
+    specs = (P(expert_axis, None, None, tensor_axis), P(expert_axis, tensor_axis))
 
     def local(x, weights, experts, gate_up, down):
+      gate_up = gate_up.reshape(gate_up.shape[:2] + (-1,))
+      dropped = jnp.zeros((), jnp.float32)
       if expert_axis is None:
-        return self._routed(x, weights, experts, gate_up, down, 0)
-      if self.dispatch == "all_to_all":
-        return self._exchanged(x, weights, experts, gate_up, down, expert_axis, mesh.shape[expert_axis])
-      gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
-      first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
-      y = self._routed(gather(x), gather(weights), gather(experts), gate_up, down, first)
-      return jax.lax.psum_scatter(y, expert_axis, tiled=True)
+        y = self._routed(x, weights, experts, gate_up, down, 0)
+      elif self.dispatch == "all_to_all":
+        y, dropped = self._exchanged(x, weights, experts, gate_up, down, expert_axis, mesh.shape[expert_axis])
+      else:
+        gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
+        first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
+        y = self._routed(gather(x), gather(weights), gather(experts), gate_up, down, first)
+        y = jax.lax.psum_scatter(y, expert_axis, tiled=True)
+      if tensor_axis:  # each tensor shard summed its slice of the MLP width
+        y = jax.lax.psum(y, tensor_axis)
+      if batch_axes:
+        dropped = jax.lax.psum(dropped, batch_axes)
+      return y, dropped / (x.shape[0] * experts.shape[1] * math.prod(mesh.shape[a] for a in batch_axes))
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_weights, expert_weights),
-                         out_specs=tokens)(x, weights, experts, gate_up, down)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens) + specs,
+                         out_specs=(tokens, P()))(x, weights, experts, gate_up, down)
 
   def _exchanged(self, x, weights, experts, gate_up, down, axis: str, n: int):
-    """Each token copy sent once to the device of its expert (model/expert_exchange.py), run there, sent back."""
+    """Each token copy sent once to the device of its expert (model/expert_exchange.py), run there, sent back;
+    returns (y, copies dropped for want of room at their receiver)."""
     from qwen3vl.kernels.target import target_platform
     transport = "ragged" if target_platform() in ("tpu", "gpu") else "dense"
     t, k = experts.shape
     per_shard = gate_up.shape[0]
     flat = experts.reshape(-1)
-    p = expert_exchange.plan(flat // per_shard, n, axis)
-    capacity = n * t * k  # dropless: every copy of every device may go to one device's experts
+    capacity = self.receive_capacity(t * k, n)
+    p = expert_exchange.plan(flat // per_shard, n, axis, capacity)
     rows = jnp.take(x, p.order // k, axis=0)
     # expert ids travel shifted by one, so the zeros after the received rows mean "no expert" (dropped below)
     ids = expert_exchange.send(flat[p.order] % per_shard + 1, p, capacity, axis, transport) - 1
@@ -133,7 +152,14 @@ class MoE(nnx.Module):
     out = self._routed(received, jnp.ones(ids.shape, received.dtype), ids, gate_up, down, 0)
     back = expert_exchange.receive(out, p, t * k, axis, transport)
     copies = jnp.zeros_like(back).at[p.order].set(back)  # sorted position -> its copy
-    return jnp.einsum("tkh,tk->th", copies.reshape(t, k, -1), weights)
+    return jnp.einsum("tkh,tk->th", copies.reshape(t, k, -1), weights), p.dropped.astype(jnp.float32)
+
+  def receive_capacity(self, copies: int, n: int) -> int:
+    """Rows a device's receive buffer holds: dropless, every copy of the n devices of the expert group; with a
+    capacity factor c, c x its own copies (the mean load), rounded up to 8 rows."""
+    if not self.capacity_factor:
+      return n * copies
+    return min(n * copies, -(-math.ceil(self.capacity_factor * copies) // 8) * 8)
 
   def _routed(self, x, weights, experts, gate_up, down, first):
     """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies
@@ -156,3 +182,34 @@ class MoE(nnx.Module):
     y = jnp.einsum("eti,eih->eth", swiglu(h), down)
     y = checkpoint_tag(y, "moe_down")
     return jnp.einsum("eth,te->th", y, scatter)
+
+
+def describe(cfg: ModelConfig, mesh, platform: str) -> str:
+  """One line on how the MoE layers run on `mesh` for `platform` (train.py's log, the compile tool's report)."""
+  t = cfg.text
+  if cfg.moe_impl == "dense":
+    return f"moe: dense reference path ({t.num_experts} experts on every token)"
+  axes = [a for a in BATCH if mesh.shape[a] > 1]
+  n, tensor = mesh.shape["expert"], mesh.shape["tensor"]
+  parts = []
+  if n > 1 and t.num_experts % n == 0:
+    if cfg.moe_dispatch == "all_to_all":
+      transport = "ragged_all_to_all" if platform in ("tpu", "gpu") else "padded dense all_to_all (CPU)"
+      room = (f"capacity {cfg.moe_capacity_factor:g} x the local copies (overflow dropped)"
+              if cfg.moe_capacity_factor else "dropless")
+      parts.append(f"all_to_all over expert={n} ({transport}, {room})")
+    else:
+      parts.append(f"all_gather over expert={n} (every copy of the expert group on each device)")
+    parts.append(f"{t.num_experts // n} experts per device")
+  elif axes:
+    parts.append("every expert on every device")
+  if tensor > 1 and t.moe_intermediate_size % tensor == 0:
+    parts.append(f"expert MLP width over tensor={tensor}")
+  # What the compilers make of ragged_dot (jax 0.10.2): XLA:TPU a grouped-matmul kernel, XLA:GPU and XLA:CPU every
+  # expert over every token copy (found in the optimized HLO: [experts, copies, width] masks).
+  lowered = {"tpu": "a grouped-matmul kernel", "gpu": "expanded to every expert by XLA:GPU",
+             "cpu": "expanded to every expert by XLA:CPU"}.get(platform, "")
+  how = f"jax.lax.ragged_dot ({lowered})" if cfg.moe_impl == "ragged" else "blocked experts (model/experts.py)"
+  where = f"shard_map over {axes or ['tensor']}: " + ", ".join(parts) if parts else "one device"
+  return f"moe: {cfg.moe_dispatch if n > 1 else cfg.moe_impl}: {how}; {where}; {t.num_experts} experts, top " \
+         f"{t.num_experts_per_tok}"

@@ -86,12 +86,13 @@ class DecoderLayer(nnx.Module):
     self.mlp = MoE(cfg, rngs) if t.is_moe else MLP(cfg, rngs)
 
   def __call__(self, x, cos, sin, segment_ids, cache=None):
-    """x [B, L, H] -> (x, router logits [B*L, E] or None, updated cache or None); see Attention for cache."""
+    """x [B, L, H] -> (x, MoE routing or None, updated cache or None): routing = (router logits [B*L, E], fraction
+    of token copies dropped); see Attention for cache."""
     a, cache = self.attn(self.input_norm(x), cos, sin, segment_ids, cache)
     h = x + a
     y = self.mlp(self.post_attention_norm(h))
-    y, router_logits = y if isinstance(self.mlp, MoE) else (y, None)
-    return (h + y).astype(x.dtype), router_logits, cache  # the residual stream keeps its dtype (precision)
+    y, routing = (y[0], y[1:]) if isinstance(self.mlp, MoE) else (y, None)
+    return (h + y).astype(x.dtype), routing, cache  # the residual stream keeps its dtype (precision)
 
   def write_kv(self, x, cos, sin, cache):
     """Only this layer's keys and values of x written to the cache (a token that exited before this layer:

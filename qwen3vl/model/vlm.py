@@ -74,7 +74,8 @@ class Qwen3VL(nnx.Module):
 
   def forward(self, inputs: ModelInputs, *, return_hidden_states: bool = False, return_hidden: bool = False,
               mod_routing: str = "predictor"):
-    """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] for MoE, per-layer hidden
+    """Logits [B, L, vocab] (float32) plus extras: router logits [layers, B*L, E] and the fraction of token copies
+    dropped for want of room [layers] (all_to_all with a capacity factor) for MoE, per-layer hidden
     states. `return_hidden` returns the final-normed hidden states instead of logits (for a chunked loss).
     Mixture-of-Depths layers route by `mod_routing`: "topk" (training: the row's top capacity, gathered) or
     "predictor" (causal, as decoding does); extras then hold "router_mask" [layers, B*L] (tokens each layer
@@ -90,33 +91,34 @@ class Qwen3VL(nnx.Module):
       for (layer, router), n in zip(self._unit_layers(unit), self._layer_numbers(u)):
         stats = None
         if router is None:
-          h, router_logits, _ = layer(h, cos, sin, seg)
+          h, routing, _ = layer(h, cos, sin, seg)
           processed = valid
         elif mod_routing == "topk":
-          h, router_logits, processed, stats = depth.route_topk(layer, router, h, cos, sin, seg, cfg.mod_capacity)
+          h, routing, processed, stats = depth.route_topk(layer, router, h, cos, sin, seg, cfg.mod_capacity)
         else:
           logits, (_, chosen) = router.predict(h), depth.topk_choice(router.score(h), valid, cfg.mod_capacity)
-          h, router_logits, processed, _ = depth.route_causal(layer, router, h, cos, sin, seg)
+          h, routing, processed, _ = depth.route_causal(layer, router, h, cos, sin, seg)
           stats = depth.predictor_stats(logits, chosen, valid, processed)
         if cfg.mod_every:
           stats = stats or depth.no_stats()
-          router_logits = (router_logits, (processed & valid).reshape(-1), stats)
+          routing = (routing, (processed & valid).reshape(-1), stats)
         h = constrain(_add_deepstack(h, deepstack, n), HIDDEN)
-        outs.append((router_logits, h if return_hidden_states else None))
+        outs.append((routing, h if return_hidden_states else None))
       return h, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     units, xs = self._scan_units()
     x, per_layer = run_stack(units, body, x, xs, scan=cfg.scan_layers, remat=cfg.remat,
                              remat_custom=cfg.remat_custom)
-    router_logits, hidden = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_layer)  # [layers, ...]
+    routing, hidden = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), per_layer)  # [layers, ...]
     x = self.norm(x)
-    extras = {"router_logits": router_logits}
+    extras = {}
     if cfg.mod_every:
-      extras["router_logits"], extras["router_mask"], stats = router_logits
+      routing, extras["router_mask"], stats = routing
       stats = jax.tree.map(jnp.sum, stats)
       extras["depth"] = {"predictor_loss": stats["loss"] / jnp.maximum(stats["tokens"], 1.0),
                          "predictor_agreement": stats["agree"] / jnp.maximum(stats["tokens"], 1.0),
                          "processed": stats["processed"] / jnp.maximum(stats["tokens"], 1.0)}
+    extras["router_logits"], extras["moe_dropped"] = (None, None) if routing is None else routing
     if return_hidden_states:
       extras["hidden_states"] = hidden
     if return_hidden:

@@ -113,24 +113,8 @@ def build_train(config, devices):
 
 def moe_notes(cfg, mesh, platform: str) -> list[str]:
   """How the MoE layers run on this mesh (model/moe.py), for the report."""
-  if not cfg.text.is_moe:
-    return []
-  from qwen3vl import sharding
-  axes = [a for a in sharding.BATCH if mesh.shape[a] > 1]
-  if cfg.moe_impl == "dense":
-    return [f"moe: dense reference path ({cfg.text.num_experts} experts on every token)"]
-  if not axes:
-    where = "one device"
-  elif mesh.shape["expert"] > 1 and cfg.text.num_experts % mesh.shape["expert"] == 0:
-    where = f"per device in a shard_map over {axes}, experts split over 'expert'"
-  else:
-    where = f"per device in a shard_map over {axes}, every expert on every device"
-  # What the compilers make of ragged_dot (jax 0.10.2): XLA:TPU a grouped-matmul kernel, XLA:GPU and XLA:CPU
-  # every expert over every token copy (found in the optimized HLO: [experts, copies, width] masks).
-  lowered = {"tpu": "a grouped-matmul kernel", "gpu": "expanded to every expert by XLA:GPU",
-             "cpu": "expanded to every expert by XLA:CPU"}.get(platform, "")
-  how = f"jax.lax.ragged_dot ({lowered})" if cfg.moe_impl == "ragged" else "blocked experts (model/experts.py)"
-  return [f"moe: {cfg.moe_impl}: {how}, {where}; {cfg.text.num_experts} experts, top {cfg.text.num_experts_per_tok}"]
+  from qwen3vl.model.moe import describe
+  return [describe(cfg, mesh, platform)] if cfg.text.is_moe else []
 
 
 def train_program(config, devices) -> Program:

@@ -25,7 +25,7 @@ from qwen3vl.data.datasets import SampleBuilder, processors_for
 from qwen3vl.data.loader import JsonlSource, Loader, SyntheticSource
 from qwen3vl.data.packing import Packer, to_model_inputs
 from qwen3vl.data.tokenizer import Tokenizer
-from qwen3vl.model import lora
+from qwen3vl.model import lora, moe
 from qwen3vl.model.vlm import Qwen3VL
 from qwen3vl.train import adapters, init_from, losses
 from qwen3vl.train.checkpoint import Checkpointer
@@ -174,7 +174,7 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
     aux, z, load = losses.moe_losses(extras["router_logits"], routed, model.config.text.num_experts_per_tok)
     loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
     metrics.update({"loss/aux": aux, "loss/z": z, "moe/expert_load": load,
-                    "moe/max_load": load.max() / load.mean()})
+                    "moe/max_load": load.max() / load.mean(), "moe/dropped": extras["moe_dropped"].mean()})
   if "depth" in extras:  # the predictor's own loss (its input carries no gradient into the model)
     loss = loss + extras["depth"]["predictor_loss"]
     metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
@@ -308,6 +308,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"trainable parameters, {adapters.count(frozen):,} frozen ({held})", flush=True)
   else:
     print(f"model: {cfg.model_type}, {trainable:,} parameters", flush=True)
+  if cfg.text.is_moe:
+    print(moe.describe(cfg, mesh, platform), flush=True)
   base_item = {"init_from": os.path.abspath(start_from)} if frozen and start_from else {}
 
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -401,6 +403,7 @@ def _train_record(window, seconds, lr, flops, peak, loader) -> dict:
     record["train/aux_loss"] = np.mean([m["loss/aux"] for m in metrics])
     record["train/z_loss"] = np.mean([m["loss/z"] for m in metrics])
     record["train/expert_load"] = np.mean([m["moe/expert_load"] for m in metrics], axis=0).round(4).tolist()
+    record["train/moe_dropped"] = np.mean([m["moe/dropped"] for m in metrics])  # token copies, all layers
   if "mod/processed" in metrics[0]:
     record["train/mod_processed"] = np.mean([m["mod/processed"] for m in metrics])
     record["train/mod_predictor_agreement"] = np.mean([m["mod/predictor_agreement"] for m in metrics])
