@@ -39,7 +39,7 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights stay float32
   c.model.scan_layers = placeholder(bool)  # layers in a scan; overlay: unrolled on CPU, scanned on GPU/TPU
   c.model.attention_impl = placeholder(str)  # None = kernels.attention picks; or xla, pallas_gpu, pallas_tpu, triton, cudnn
-  c.model.moe_impl = placeholder(str)  # ragged (grouped matmul), blocked (padded blocks) or dense; overlay: blocked on CPU
+  c.model.moe_impl = placeholder(str)  # ragged (grouped matmul), blocked (padded blocks) or dense; overlay: ragged on TPU, blocked on CPU and GPU
   # With an expert mesh axis: all_to_all (each copy goes once to its expert's device; ragged all-to-all on GPU/TPU,
   # a padded dense one on CPU) or all_gather (each device gets the expert group's token copies). capacity_factor
   # (all_to_all): a device receives at most this x its own token copies, the rest dropped (train/moe_dropped);

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import jax
 
-# moe_impl: XLA:CPU runs ragged_dot as every expert on every row, so CPU gets the blocked experts
-# (model/experts.py); accelerators lower ragged_dot to a real grouped matmul. scan_layers: XLA:CPU copies each
-# layer's weights and residuals in and out of the scan's stacked buffers (MoE step vs HF 0.89-0.93x scanned, 1.01x
-# unrolled); accelerators keep the scan (compile time, one layer's program).
-_ACCELERATOR = {"model.dtype": "bfloat16", "model.moe_impl": "ragged", "model.remat": "full",
-                "model.vision_remat": "full", "model.scan_layers": True}  # attention: Pallas / Triton / cuDNN, then XLA
+# moe_impl: XLA:TPU lowers ragged_dot to a grouped-matmul kernel; XLA:CPU and XLA:GPU (jax 0.10.2) run it as every
+# expert on every row, so they get the blocked experts (model/experts.py): one MoE layer of 235B-A22B on 8x8 H100
+# (expert 8, capacity 1.25) holds 3.0 GiB of temporaries blocked against 16.1 expanded (README, expert
+# parallelism). scan_layers: XLA:CPU copies each layer's weights and residuals in and out of the scan's stacked
+# buffers (MoE step vs HF 0.89-0.93x scanned, 1.01x unrolled); accelerators keep the scan (compile time, one
+# layer's program).
+_ACCELERATOR = {"model.dtype": "bfloat16", "model.remat": "full", "model.vision_remat": "full",
+                "model.scan_layers": True}  # attention: Pallas / Triton / cuDNN, then XLA
 OVERLAYS = {
     "cpu": {"model.dtype": "float32", "model.attention_impl": "xla", "model.moe_impl": "blocked",
             "model.remat": "none", "model.vision_remat": "none", "model.scan_layers": False},
-    "gpu": _ACCELERATOR,
-    "tpu": _ACCELERATOR,
+    "gpu": {**_ACCELERATOR, "model.moe_impl": "blocked"},
+    "tpu": {**_ACCELERATOR, "model.moe_impl": "ragged"},
 }
 
 # Dense bf16 peak TFLOP/s per chip (vendor figures) for the MFU estimate.

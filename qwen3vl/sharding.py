@@ -68,9 +68,15 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   innermost axes (tensor, then expert) land on the fastest links."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in AXES)
   # Auto axes: the compiler propagates shardings from the parameters and batch (no per-op annotations needed).
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  try:
+    return jax.make_mesh(shape, AXES, devices=devices, axis_types=auto)
+  except NotImplementedError:  # an axis that no product of the TPU torus's sides makes (8 on 4x4x4): split one
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=auto)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -4,6 +4,7 @@ per-device HLO: every kernel call takes its device's share (batch / batch shards
 patches / batch shards) and no all-gather feeds a kernel's queries. Skipped with the reason where libtpu / the
 CUDA plugin are absent; the CLI's table and exit codes are checked on simulated CPU devices."""
 import os
+import re
 import subprocess
 import sys
 
@@ -72,8 +73,8 @@ def test_train_and_generate_compile_with_kernels_per_device(target_name, preset_
     assert row["fits"] and row["peak"] > row["params"] > 0, row
     _check_kernels(row, target_name, config.model.text.num_attention_heads, config.model.vision.num_heads)
   assert rows[0]["optimizer"] > rows[0]["params"] and rows[1]["cache"] > 0
-  if preset_file == "moe.py":
-    assert config.model.moe_impl == "ragged"  # the accelerators' grouped matmul, compiled by the real compiler
+  if preset_file == "moe.py":  # TPU's grouped-matmul kernel; XLA:GPU would expand ragged_dot to every expert
+    assert config.model.moe_impl == {"v5e:2x4": "ragged", "h100:8": "blocked"}[target_name]
 
 
 def test_cli_prints_the_table_and_exit_codes():
@@ -88,3 +89,38 @@ def test_cli_prints_the_table_and_exit_codes():
   assert small.returncode == 2 and "does not fit" in small.stdout, small.stdout + small.stderr[-2000:]
   bad = subprocess.run(base[:4] + ["--target=z100:8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "z100:8" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target_name", ["v5p:2x2x2", "h100:8"])
+def test_moe_all_to_all_sends_copies_without_gathering_them(target_name, tmp_path):
+  """Tiny MoE train step with expert=8: the all_to_all dispatch compiles to XLA's ragged all-to-all and no
+  all-gather has the expert group's token rows ([8 x local tokens, ...]: what the all_gather dispatch gathers, the
+  control on h100:8); the MoE layer alone (--step=moe_layer) holds fewer temporaries than with all_gather."""
+  from qwen3vl.tools import compile as tool
+  target = need(target_name)
+  length = 80  # 160 tokens a device, 1280 over the expert group: apart from every other dimension here
+  rows = {}
+  for dispatch in ("all_to_all", "all_gather") if target_name == "h100:8" else ("all_to_all",):
+    config = _config("moe.py", "h100:8")
+    with config.unlocked():
+      config.mesh.update(dict(data=1, fsdp=1, expert=8, tensor=1))
+      config.model.moe_dispatch, config.data.max_length = dispatch, length
+      config.model.attention_impl = None  # the dispatcher's choice: this test is about the MoE
+    row, layer = tool.run(config, target, ["train", "moe_layer"], hlo_dir=str(tmp_path / dispatch))
+    instructions = tool.parse_instructions((tmp_path / dispatch / "train.hlo.txt").read_text())
+    ops = [(op, shape) for shape, op, _, _ in instructions.values()]
+    text = config.model.text
+    copies = re.compile(rf"\[{BATCH * length},({text.hidden_size}|{text.num_experts_per_tok})\]")  # rows, ids
+    gathered = [s for op, s in ops if op in ("all-gather", "all-gather-start") and copies.search(s)]
+    ragged = [s for op, s in ops if op.startswith("ragged-all-to-all")]  # XLA:GPU's is async: -start, -done
+    rows[dispatch] = row, layer
+    print(target_name, dispatch, f"temporaries {row['temp'] / 2**20:.2f} MiB, MoE layer alone "
+          f"{layer['temp'] / 2**20:.2f} MiB", len(ragged), "ragged all-to-all")
+    if dispatch == "all_to_all":
+      assert row["fits"] and ragged and not gathered, (ragged, gathered)
+    else:
+      assert gathered and not ragged, "the control's token all-gather was not found: the check above proves nothing"
+  assert "all_to_all over expert=8 (ragged_all_to_all, dropless)" in " ".join(rows["all_to_all"][0]["notes"])
+  if "all_gather" in rows:  # top-2 of 8 experts over 8 devices: a device can receive 1 copy per token of the
+    # group (dropless bound), where the all-gather lays out all 2 of every token: the MoE's own temporaries shrink
+    assert rows["all_to_all"][1]["temp"] < rows["all_gather"][1]["temp"], rows

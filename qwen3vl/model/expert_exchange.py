@@ -1,18 +1,19 @@
 """Expert-parallel token exchange: each device sends every token copy once, to the device that holds its expert,
-and gets the results back the same way (the all-to-all dispatch of MaxText and GShard, dropless).
+and gets the results back the same way (the all-to-all dispatch of MaxText and GShard; dropless, or with a
+capacity).
 
 `plan` is the index arithmetic, shared by both transports: the device's copies sorted by destination shard (a
 ragged array: `input_offsets`, `send_sizes`), and, from every device's send sizes (an all_gather of n integers),
 where each chunk lands on its receiver (`output_offsets`) and what each device receives (`recv_offsets`,
 `recv_sizes`). A receiver holds what it got contiguously by source, in a buffer of `capacity` rows (static):
-dropless, capacity is every copy of the expert group (n x the local copies); smaller, each receiver keeps the
-first `capacity` rows in source order (lower source shards first, each chunk's copies in token order), senders
+dropless, capacity is the most the group can send one device (MoE.receive_capacity); smaller, each receiver keeps
+the first `capacity` rows in source order (lower source shards first, each chunk's copies in token order), senders
 send only what will be kept, and dropped copies come back as zeros (`Plan.dropped` counts them).
 
 Transports: "ragged" is `jax.lax.ragged_all_to_all` (XLA:TPU and XLA:GPU; XLA:CPU does not implement it);
 "dense" moves the same chunks padded to the largest possible chunk with a dense `all_to_all` and lays them out as
 the ragged one does, so the CPU tests check the arithmetic the accelerators use. The dense transport's buffers
-are n x the local copies (as large as gathering them); only the ragged one saves memory.
+are n x min(local copies, capacity) (as large as gathering them); only the ragged one saves memory.
 """
 from __future__ import annotations
 

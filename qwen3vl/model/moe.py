@@ -9,13 +9,16 @@ released checkpoint layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
 
 On a mesh (under `jax.set_mesh`, as the train step runs) the ragged path is a `shard_map` over the batch axes:
 each device routes its own tokens (no global sort), FSDP gathers the weights, and with an `expert` axis of size
-n each device holds E/n experts: the tokens of its expert group are all-gathered along `expert`, the device runs
-its own experts on the copies routed to them, and a reduce-scatter returns every token's sum home. Expert
-weights and their compute stay at 1/n per device; activations cost n x the local tokens. `moe_dispatch=
-"all_to_all"` instead sends each copy once to the device of its expert and back (model/expert_exchange.py: a
-ragged all-to-all on GPU/TPU, a padded dense one on CPU); its receive buffer is still sized for the worst case
-(every copy of the group to one device), so it saves traffic, not yet memory. The tensor axis is not split inside
-the experts.
+n each device holds E/n experts. `moe_dispatch="all_to_all"` (the default) sends each token copy once to the
+device of its expert and back (model/expert_exchange.py: a ragged all-to-all on GPU/TPU, a padded dense one on
+CPU); the receive buffer is static: dropless it has room for everything the group can send one device (n x the
+local tokens x min(k, E/n)), with `moe_capacity_factor` c it holds c x the local copies and the overflow is
+dropped (counted: the `moe/dropped` metric). "all_gather" gathers every copy of the expert group on every device
+and reduce-scatters the sums. Measured on the released sizes (README, "Expert parallelism at pod scale"): dropless,
+the all-to-all moves k/n of the all-gather's bytes (1/8 at expert=64, top-8) but holds a little more (its receive buffer is one more
+[rows, H] array); the capacity factor is what makes the expert group's activations O(local copies) instead of
+O(n x local copies). all_gather stays for n <= k, where it moves no more bytes and holds less. With a `tensor`
+axis the experts' MLP width is split over it too (gate and up alike) and the partial sums are added (psum).
 """
 from __future__ import annotations
 
@@ -142,7 +145,7 @@ class MoE(nnx.Module):
     t, k = experts.shape
     per_shard = gate_up.shape[0]
     flat = experts.reshape(-1)
-    capacity = self.receive_capacity(t * k, n)
+    capacity = self.receive_capacity(t, k, per_shard, n)
     p = expert_exchange.plan(flat // per_shard, n, axis, capacity)
     rows = jnp.take(x, p.order // k, axis=0)
     # expert ids travel shifted by one, so the zeros after the received rows mean "no expert" (dropped below)
@@ -154,12 +157,14 @@ class MoE(nnx.Module):
     copies = jnp.zeros_like(back).at[p.order].set(back)  # sorted position -> its copy
     return jnp.einsum("tkh,tk->th", copies.reshape(t, k, -1), weights), p.dropped.astype(jnp.float32)
 
-  def receive_capacity(self, copies: int, n: int) -> int:
-    """Rows a device's receive buffer holds: dropless, every copy of the n devices of the expert group; with a
-    capacity factor c, c x its own copies (the mean load), rounded up to 8 rows."""
+  def receive_capacity(self, tokens: int, k: int, per_shard: int, n: int) -> int:
+    """Rows a device's receive buffer holds. Dropless: the most the n devices of the expert group can send it,
+    each token at most min(k, experts per shard) copies (its k experts are distinct: at expert=64 with 2 experts a
+    shard, 2 of top-8). With a capacity factor c: c x the device's own copies (the mean load), rounded up to 8."""
+    dropless = n * tokens * min(k, per_shard)
     if not self.capacity_factor:
-      return n * copies
-    return min(n * copies, -(-math.ceil(self.capacity_factor * copies) // 8) * 8)
+      return dropless
+    return min(dropless, -(-math.ceil(self.capacity_factor * tokens * k) // 8) * 8)
 
   def _routed(self, x, weights, experts, gate_up, down, first):
     """Token copies routed to experts first..first+len(gate_up)-1, in the experts' layout (experts.py); copies

@@ -8,7 +8,8 @@
 Targets (`qwen3vl/tools/targets.py`): libtpu topology names (v5e:2x4, v5p:2x2x1, v6e:2x4, ...), <gpu>:<devices> or
 <gpu>:<hosts>x<devices> (h100:8, h200:8, b200:8, a100:8, h100:4x8, l4:1), cpu:N (simulated CPU devices). The
 program is the real one: `train` is train.py's `TrainStep` with its state shardings, `generate` is
-`qwen3vl.infer.generate`'s prefill + compiled decode loop with its KV cache, both traced under the target's mesh
+`qwen3vl.infer.generate`'s prefill + compiled decode loop with its KV cache (`moe_layer`: one MoE layer's forward
+and backward alone, to compare the expert dispatches' activations), all traced under the target's mesh
 with the target platform's hardware overlay, so the dispatcher picks the kernels the chips would get and runs them
 per device. Per step it prints what each device holds (parameters, optimizer state, batch or KV cache), the
 compiled temporaries and peak, a verdict against the chip's HBM, which kernel each attention call got with its
@@ -31,6 +32,7 @@ import time
 # The partitioner's C++ warnings (reshards it had to insert) would bury the table; train.py still shows them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 GIB = 2**30
@@ -164,6 +166,37 @@ def generate_program(config, devices, max_new_tokens: int) -> Program:
   cache_bytes //= shards if d.batch_size % shards == 0 else 1  # the cache's batch follows the batch axes
   held = {"params": shard_bytes(params), "batch": shard_bytes(batch), "cache": cache_bytes}
   return Program("generate", lower, held, moe_notes(cfg, mesh, devices[0].platform), dict(mesh.shape))
+
+
+def moe_layer_program(config, devices) -> Program:
+  """One MoE layer alone, forward and backward, on the config's batch (`data.batch_size` x `data.max_length`
+  tokens) over the mesh: its temporaries are the MoE's activations per device, apart from the rest of the model
+  (the all_to_all and all_gather dispatches compared on the same mesh and batch)."""
+  from flax import nnx
+  from qwen3vl import sharding
+  from qwen3vl.model.moe import MoE
+  from qwen3vl.train import trainer
+
+  cfg = trainer.model_config(config)
+  if not cfg.text.is_moe:
+    raise ValueError(f"--step=moe_layer: {cfg.model_type} has no MoE layers")
+  mesh = sharding.make_mesh(config.mesh, list(devices))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+  params = abstract(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))
+  d = config.data
+  x = jax.ShapeDtypeStruct((d.batch_size, d.max_length, cfg.text.hidden_size), cfg.dtype,
+                           sharding=sharding.batch_sharding(mesh, 3))
+
+  def loss(params, x):
+    y, _, dropped = nnx.merge(graphdef, params)(x)
+    return jnp.mean(jnp.square(y.astype(jnp.float32))), dropped
+
+  def lower():
+    with jax.set_mesh(mesh):
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x)
+
+  held = {"params": shard_bytes(params), "batch": shard_bytes(x)}
+  return Program("moe_layer", lower, held, moe_notes(cfg, mesh, devices[0].platform), dict(mesh.shape))
 
 
 # ----------------------------------------------------------------------------- HLO reading
@@ -313,8 +346,10 @@ def run(config, target, steps, max_new_tokens: int = 64, hlo_dir: str | None = N
       program = train_program(config, target.devices)
     elif step == "generate":
       program = generate_program(config, target.devices, max_new_tokens)
+    elif step == "moe_layer":
+      program = moe_layer_program(config, target.devices)
     else:
-      raise ValueError(f"--step: unknown step {step!r}; valid: train, generate")
+      raise ValueError(f"--step: unknown step {step!r}; valid: train, generate, moe_layer")
     with grouped_matmul_as_on_accelerators(target.platform == "cpu" and config.model.moe_impl == "ragged"):
       rows.append(compile_program(program, target.memory_bytes, hlo_dir))
   return rows
@@ -364,7 +399,8 @@ if __name__ == "__main__":
 
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/moe.py", "Training config file[:preset].")
   _TARGET = flags.DEFINE_string("target", "cpu:8", "v5e:2x4, v5p:2x2x1, v6e:2x4, h100:8, h100:4x8, b200:8, cpu:N, ...")
-  _STEP = flags.DEFINE_list("step", ["train"], "Programs to compile: train, generate.")
+  _STEP = flags.DEFINE_list("step", ["train"], "Programs to compile: train, generate, moe_layer (one MoE layer's "
+                           "forward + backward alone).")
   _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Decode steps of the generate program (its KV cache).")
   _HBM = flags.DEFINE_float("hbm_gib", None, "Device memory for the verdict, GiB (default: the target's HBM).")
   _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each step's optimized per-device HLO text here.")
