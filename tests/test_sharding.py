@@ -142,25 +142,30 @@ graph = lambda impl, dispatch="all_gather", capacity=0.0: nnx.split(MoE(cfg.repl
 dense, state = nnx.split(MoE(cfg.replace(moe_impl="dense"), nnx.Rngs(0)))
 ragged, blocked, ragged_a2a, blocked_a2a = (graph("ragged"), graph("blocked"), graph("ragged", "all_to_all"),
                                             graph("blocked", "all_to_all"))
-ragged_cap1, blocked_cap1 = graph("ragged", "all_to_all", 1.0), graph("blocked", "all_to_all", 1.0)
+# capacity factors 0.5 and 1 of the 24 local copies: receive buffers of 16 and 24 rows (rounded up to 8)
+capped = {graph("ragged", "all_to_all", 0.5): 16, graph("blocked", "all_to_all", 1.0): 24}
+ragged_cap, blocked_cap = capped
 params = nnx.to_pure_dict(state)
 # every copy to experts 0 and 1 (one shard of expert=4 gets all, the others none): x[..., 0] = 10 drives the router
 skewed = ({**params, "router": jnp.zeros_like(params["router"]).at[0, 0].set(5.0).at[0, 1].set(4.0)},
           x.at[..., 0].set(10.0))
 inputs = {False: (params, x), True: skewed}
-weight = jnp.sin(jnp.arange(x.size).reshape(x.shape))
+valid = jnp.arange(x.shape[1]) < jnp.arange(x.shape[0])[:, None] + 4  # padding: 4..11 tokens a row valid
+weight = jnp.sin(jnp.arange(x.size).reshape(x.shape)) * valid[..., None]  # padding's output is no one's
 def loss(graphdef, params, x):
-  y, _, dropped = nnx.merge(graphdef, params)(x)
+  y, _, dropped = nnx.merge(graphdef, params)(x, valid)
   return (y * weight).sum(), dropped
 def dense_loss(params, x, keep):  # the dense MoE, each token copy's weight times keep (1, or 0: dropped)
   m = nnx.merge(dense, params)
   _, w, e = m.route(x.reshape(-1, x.shape[-1]))
-  return (m._dense(x.reshape(-1, x.shape[-1]), w * keep, e).reshape(x.shape) * weight).sum(), 1.0 - keep.mean()
+  kept_valid = (keep * valid.reshape(-1, 1)).sum() / (valid.sum() * keep.shape[1])
+  return (m._dense(x.reshape(-1, x.shape[-1]), w * keep, e).reshape(x.shape) * weight).sum(), 1.0 - kept_valid
 def kept(params, x, n, capacity):
   # Which copies the all-to-all keeps, by the rule written out: tokens in blocks over the batch axes (expert
-  # innermost); each receiver of an expert group takes copies in source order, then token order, while it has room.
+  # innermost); each receiver of an expert group takes copies in source order, then token order, while it has room;
+  # padding is not sent.
   _, _, e = nnx.merge(dense, params).route(x.reshape(-1, x.shape[-1]))
-  e = np.asarray(e)
+  e = np.where(np.asarray(valid).reshape(-1, 1), np.asarray(e), -cfg.text.num_experts)
   per_device, k, per_shard = e.shape[0] // 8, e.shape[1], cfg.text.num_experts // n
   keep = np.ones(e.shape, np.float32)
   for group in range(8 // n):
@@ -184,12 +189,12 @@ cases = [({"data": 8}, ragged, False), ({"fsdp": 2, "expert": 2, "tensor": 2}, r
          ({"fsdp": 2, "expert": 2, "tensor": 2}, blocked_a2a, False),  # tensor: the experts' width split too
          ({"data": 4, "tensor": 2}, ragged, False),  # tensor inside the experts, no expert axis
          ({"expert": 4, "fsdp": 2}, blocked_a2a, True), ({"expert": 8}, ragged_a2a, True),
-         ({"expert": 4, "fsdp": 2}, ragged_cap1, False), ({"expert": 8}, blocked_cap1, True)]
+         ({"expert": 4, "fsdp": 2}, ragged_cap, False), ({"expert": 8}, blocked_cap, True)]
 for sizes, graphdef, skew in cases:
   (p, xs), ref = inputs[skew], refs[skew]
-  a2a = graphdef in (ragged_a2a, blocked_a2a, ragged_cap1, blocked_cap1)
-  if graphdef in (ragged_cap1, blocked_cap1):  # capacity 1 x the 24 local copies: the rest dropped, by the rule
-    keep = kept(p, xs, sizes["expert"], 24)
+  a2a = graphdef in (ragged_a2a, blocked_a2a, *capped)
+  if graphdef in capped:  # the copies past a receiver's room dropped, by the rule
+    keep = kept(p, xs, sizes["expert"], capped[graphdef])
     assert 0 < keep.mean() < 1, keep.mean()
     ref = dense_grad(p, xs, keep)
   mesh = sharding.make_mesh(sizes)

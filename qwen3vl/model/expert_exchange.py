@@ -35,8 +35,8 @@ class Plan(NamedTuple):
 
 
 def plan(dest: jax.Array, n: int, axis_name: str, capacity: int) -> Plan:
-  """dest [C]: the shard (0..n-1) of each of this device's copies; inside a shard_map over `axis_name`. Each
-  receiver keeps at most `capacity` rows (n * C: dropless)."""
+  """dest [C]: the shard (0..n-1) of each of this device's copies, n for a copy not to send (padding; sorted
+  last, in no chunk); inside a shard_map over `axis_name`. Each receiver keeps at most `capacity` rows."""
   sizes = jnp.bincount(dest, length=n).astype(jnp.int32)
   order = jnp.argsort(dest, stable=True).astype(jnp.int32)
   offsets = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)

@@ -77,15 +77,17 @@ class MoE(nnx.Module):
     weights = weights / weights.sum(-1, keepdims=True)  # HF always renormalises the top-k
     return logits, weights.astype(self.dtype), experts
 
-  def __call__(self, x: jax.Array):
-    """x [..., H] -> (y [..., H], router logits [tokens, E], fraction of token copies dropped for want of room)."""
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None):
+    """x [..., H], valid [...] (False: padding, whose output no one reads; the all-to-all does not send it) ->
+    (y [..., H], router logits [tokens, E], fraction of the valid token copies dropped for want of room)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).astype(self.dtype)
+    valid = jnp.ones(x.shape[:1], bool) if valid is None else valid.reshape(-1)
     logits, weights, experts = self.route(x)
     if self.impl == "dense":
       y, dropped = self._dense(x, weights, experts), jnp.zeros((), jnp.float32)
     else:
-      y, dropped = self._ragged(x, weights, experts)
+      y, dropped = self._ragged(x, valid, weights, experts)
     return y.reshape(shape), logits, dropped
 
   def expert_weights(self):
@@ -97,7 +99,7 @@ class MoE(nnx.Module):
       out.append(value if lora is None else lora.merged(value))
     return tuple(out)
 
-  def _ragged(self, x, weights, experts):
+  def _ragged(self, x, valid, weights, experts):
     gate_up, down = self.expert_weights()
     none_dropped = jnp.zeros((), jnp.float32)
     mesh = jax.sharding.get_abstract_mesh()
@@ -116,13 +118,14 @@ class MoE(nnx.Module):
     gate_up = gate_up.reshape(gate_up.shape[:2] + (2, -1))
     specs = (P(expert_axis, None, None, tensor_axis), P(expert_axis, tensor_axis))
 
-    def local(x, weights, experts, gate_up, down):
+    def local(x, valid, weights, experts, gate_up, down):
       gate_up = gate_up.reshape(gate_up.shape[:2] + (-1,))
       dropped = jnp.zeros((), jnp.float32)
       if expert_axis is None:
         y = self._routed(x, weights, experts, gate_up, down, 0)
       elif self.dispatch == "all_to_all":
-        y, dropped = self._exchanged(x, weights, experts, gate_up, down, expert_axis, mesh.shape[expert_axis])
+        y, dropped = self._exchanged(x, valid, weights, experts, gate_up, down, expert_axis,
+                                     mesh.shape[expert_axis])
       else:
         gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
         first = jax.lax.axis_index(expert_axis) * gate_up.shape[0]
@@ -130,23 +133,24 @@ class MoE(nnx.Module):
         y = jax.lax.psum_scatter(y, expert_axis, tiled=True)
       if tensor_axis:  # each tensor shard summed its slice of the MLP width
         y = jax.lax.psum(y, tensor_axis)
+      copies = valid.sum(dtype=jnp.float32) * experts.shape[1]
       if batch_axes:
-        dropped = jax.lax.psum(dropped, batch_axes)
-      return y, dropped / (x.shape[0] * experts.shape[1] * math.prod(mesh.shape[a] for a in batch_axes))
+        dropped, copies = jax.lax.psum((dropped, copies), batch_axes)
+      return y, dropped / jnp.maximum(copies, 1.0)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens) + specs,
-                         out_specs=(tokens, P()))(x, weights, experts, gate_up, down)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 4 + specs,
+                         out_specs=(tokens, P()))(x, valid, weights, experts, gate_up, down)
 
-  def _exchanged(self, x, weights, experts, gate_up, down, axis: str, n: int):
-    """Each token copy sent once to the device of its expert (model/expert_exchange.py), run there, sent back;
-    returns (y, copies dropped for want of room at their receiver)."""
+  def _exchanged(self, x, valid, weights, experts, gate_up, down, axis: str, n: int):
+    """Each valid token copy sent once to the device of its expert (model/expert_exchange.py), run there, sent
+    back; returns (y, copies dropped for want of room at their receiver). Padding is not sent (its y is 0)."""
     from qwen3vl.kernels.target import target_platform
     transport = "ragged" if target_platform() in ("tpu", "gpu") else "dense"
     t, k = experts.shape
     per_shard = gate_up.shape[0]
     flat = experts.reshape(-1)
     capacity = self.receive_capacity(t, k, per_shard, n)
-    p = expert_exchange.plan(flat // per_shard, n, axis, capacity)
+    p = expert_exchange.plan(jnp.where(jnp.repeat(valid, k), flat // per_shard, n), n, axis, capacity)
     rows = jnp.take(x, p.order // k, axis=0)
     # expert ids travel shifted by one, so the zeros after the received rows mean "no expert" (dropped below)
     ids = expert_exchange.send(flat[p.order] % per_shard + 1, p, capacity, axis, transport) - 1

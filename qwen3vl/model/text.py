@@ -90,8 +90,12 @@ class DecoderLayer(nnx.Module):
     of token copies dropped); see Attention for cache."""
     a, cache = self.attn(self.input_norm(x), cos, sin, segment_ids, cache)
     h = x + a
-    y = self.mlp(self.post_attention_norm(h))
-    y, routing = (y[0], y[1:]) if isinstance(self.mlp, MoE) else (y, None)
+    if isinstance(self.mlp, MoE):  # padding (segment 0) takes no room in the experts' receive buffers
+      queries = segment_ids[0] if isinstance(segment_ids, tuple) else segment_ids  # (queries', keys' ids)
+      y, logits, dropped = self.mlp(self.post_attention_norm(h), None if queries is None else queries > 0)
+      routing = (logits, dropped)
+    else:
+      y, routing = self.mlp(self.post_attention_norm(h)), None
     return (h + y).astype(x.dtype), routing, cache  # the residual stream keeps its dtype (precision)
 
   def write_kv(self, x, cos, sin, cache):
