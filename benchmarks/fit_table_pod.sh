@@ -2,8 +2,8 @@
 # Issue 19's pod-scale tables from the real compilers (README "Expert parallelism at pod scale").
 #  1. The MoE layer alone (--step=moe_layer: forward + backward), per-device temporaries of the all_to_all dispatch
 #     (dropless, and capacity factor 1.25) against all_gather, same mesh and batch (1 x 4096 tokens a device), at
-#     expert 8 (fsdp 8 x expert 8) and expert 64, on h100:8x8 and v5p:4x4x4; also with the blocked experts (XLA:GPU
-#     expands ragged_dot to every local expert, jax 0.10.2).
+#     expert 8 (fsdp 8 x expert 8) and expert 64, on h100:8x8 and v5p:4x4x4; ragged_dot experts (the TPU overlay's),
+#     and the blocked ones (the GPU overlay's: XLA:GPU expands ragged_dot to every local expert, jax 0.10.2).
 #  2. The whole train step of 30B-A3B and 235B-A22B on 64 chips (fsdp 8 x expert 8, remat full), what fits where.
 # Usage: bash benchmarks/fit_table_pod.sh [OUT_LOG] [layer|train|all]   (needs jax[tpu] and the CUDA plugin)
 set -u
@@ -26,7 +26,8 @@ if [[ $WHAT == layer || $WHAT == all ]]; then
         for dispatch in "all_gather" "all_to_all" "all_to_all --config.model.moe_capacity_factor=1.25" \
                         "all_to_all --config.model.moe_capacity_factor=1.25 --config.model.moe_impl=blocked"; do
           # shellcheck disable=SC2086
-          compile $model $target "moe_layer $mesh $dispatch" --step=moe_layer $mesh --config.model.moe_dispatch=$dispatch
+          compile $model $target "moe_layer $mesh $dispatch" --step=moe_layer $mesh --config.model.moe_impl=ragged \
+            --config.model.moe_dispatch=$dispatch
         done
       done
     done

@@ -4,6 +4,8 @@
         --config.mesh.fsdp=-1 --config.model.attention_impl=pallas_tpu
     python -m qwen3vl.tools.compile --config=configs/moe.py:30b_a3b --target=h100:8 --step=train,generate
     python -m qwen3vl.tools.compile --config=configs/moe.py --target=cpu:8 --hlo_dir=/tmp/hlo
+    python -m qwen3vl.tools.compile --config=configs/moe.py:235b_a22b --target=v5p:4x4x4 --step=moe_layer \\
+        --config.mesh.data=1 --config.mesh.expert=64 --config.model.moe_capacity_factor=1.25
 
 Targets (`qwen3vl/tools/targets.py`): libtpu topology names (v5e:2x4, v5p:2x2x1, v6e:2x4, ...), <gpu>:<devices> or
 <gpu>:<hosts>x<devices> (h100:8, h200:8, b200:8, a100:8, h100:4x8, l4:1), cpu:N (simulated CPU devices). The

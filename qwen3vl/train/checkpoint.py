@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -37,9 +38,13 @@ class Checkpointer:
     return out["state"], out["data"]
 
   def restore_params(self, step: int):
-    """Only the parameters of a saved train state, as saved (host arrays; no optimizer state needed to rebuild
-    the target). Restores the whole item then drops the rest: fine for the model sizes one runs from a workdir."""
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """Only the parameters of a saved train state, on this process's first device whatever mesh saved them (a
+    run trained on 8 or 64 devices serves from one; no optimizer state needed to rebuild the target). Restores the
+    whole item then drops the rest: fine for the model sizes one runs from a workdir."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          self.manager.item_metadata(step)["state"])
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return out["state"]["params"]
 
   def restore_base(self, step: int) -> dict:
