@@ -242,14 +242,47 @@ class SampleBuilder:
         except ValueError as e:  # placeholder / grid count disagreement
             raise SkipSample("token_mismatch", str(e)) from None
         ids, offsets = self.tokenizer.encode_with_offsets(text)
-        if len(ids) > self.max_length:
-            raise SkipSample("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
         starts = np.array([s for s, _ in offsets], np.int64)
         in_reply = np.zeros(len(ids), bool)
         for a, b in spans:
             in_reply |= (starts >= a) & (starts < b)
         if not in_reply[1:].any():
             raise SkipSample("no_targets", "assistant replies are empty")
+        return self._sample(ids, in_reply, image_pixels, image_grid, video_pixels, video_grid)
+
+    def prompt(self, record: dict) -> Sample:
+        """The record's conversation up to its last user turn and the assistant header, with no loss: what a
+        policy answers in post-training (its reference reply, if any, left out). `answered` appends an answer."""
+        if not isinstance(record, dict):
+            raise SkipSample("bad_record", f"record must be a dict, got {type(record).__name__}")
+        messages = to_messages(record)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages or messages[-1]["role"] != "user":
+            raise SkipSample("bad_record", "no user turn to answer")
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        image_pixels, image_grid = self._images(record.get("images") or [])
+        video_pixels, video_grid, stamps = self._videos(record.get("videos") or [],
+                                                        record.get("video_fps", record.get("fps")))
+        try:
+            text, _ = self._text(messages, image_grid, video_grid, stamps)
+        except ValueError as e:
+            raise SkipSample("token_mismatch", str(e)) from None
+        ids = self.tokenizer.encode(text + chat.IM_START + "assistant\n")
+        return self._sample(ids, np.zeros(len(ids), bool), image_pixels, image_grid, video_pixels, video_grid)
+
+    def answered(self, prompt: Sample, answer_ids) -> Sample:
+        """`prompt` followed by an answer's token ids as sampled (its stop token included), the loss on them."""
+        ids = np.concatenate([prompt.input_ids, np.asarray(answer_ids, np.int32)])
+        in_reply = np.arange(len(ids)) >= prompt.length
+        return self._sample(ids, in_reply, prompt.image_pixels, prompt.image_grid_thw, prompt.video_pixels,
+                            prompt.video_grid_thw)
+
+    def _sample(self, ids, in_reply, image_pixels, image_grid, video_pixels, video_grid) -> Sample:
+        """Token ids and which of them are the reply -> Sample (targets, loss mask, MRoPE positions)."""
+        if len(ids) > self.max_length:
+            raise SkipSample("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
         input_ids = np.asarray(ids, np.int32)
         try:
             positions, _ = get_rope_index(

@@ -120,7 +120,7 @@ class Assistant:
               stream: Callable[[str], None] | None = None, **sampling) -> list[Reply]:
     """Answers to (messages, images, videos) conversations, decoded together as one left-padded batch."""
     batch = [self.inputs(*c) for c in conversations]
-    tokens, _ = self._generate(_stack(batch, self.pad_id), None, max_new_tokens, stop_strings, stream, sampling)
+    tokens, _ = self._generate(stack_inputs(batch, self.pad_id), None, max_new_tokens, stop_strings, stream, sampling)
     return [self._reply(row, stop_strings, b["input_ids"].shape[1]) for row, b in zip(tokens, batch)]
 
   def chat(self, system: str | None = None) -> "Chat":
@@ -164,7 +164,7 @@ class Chat:
     return a._reply(row, stop_strings, inputs["input_ids"].shape[1])
 
 
-def _stack(batch: Sequence[dict], pad_id: int) -> dict:
+def stack_inputs(batch: Sequence[dict], pad_id: int) -> dict:
   """One left-padded batch (attention_mask) from single-row inputs; vision arrays concatenated in row order."""
   length = max(b["input_ids"].shape[1] for b in batch)
   ids = np.full((len(batch), length), pad_id, np.int32)

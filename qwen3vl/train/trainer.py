@@ -7,6 +7,7 @@ and the loader position; SIGTERM / Ctrl-C save before exiting, and a restarted r
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from qwen3vl import distributed, hardware, sharding
@@ -184,17 +186,18 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   return loss, metrics
 
 
-def train_step(state, batch, frozen, *, graphdef, tx, config, opt_on_device=None):
+def train_step(state, batch, frozen, *, graphdef, tx, config, opt_on_device=None, loss_fn=None):
   """One update of the trainable parameters `state["params"]`; `frozen` (the rest of the model: a LoRA run's
   base, else empty) gets no gradient. `opt_on_device`: shardings that bring an offloaded optimizer state into
-  device memory."""
+  device memory. `loss_fn(graphdef, params, batch, config) -> (loss, metrics)`: the SFT loss by default (GRPO
+  and DPO bring theirs)."""
+  loss_fn = loss_fn or _loss_and_metrics
   key = None
   if config.lora.rank and config.lora.dropout:
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
   with lora.dropout_key(key):
     grads, metrics = jax.grad(
-        lambda p: _loss_and_metrics(graphdef, adapters.join(p, frozen), batch, config), has_aux=True)(
-            state["params"])
+        lambda p: loss_fn(graphdef, adapters.join(p, frozen), batch, config), has_aux=True)(state["params"])
   opt_state = state["opt_state"]
   if opt_on_device is not None:
     opt_state = jax.device_put(opt_state, opt_on_device)
@@ -221,11 +224,12 @@ class TrainStep:
   choose). An offloaded optimizer state is moved into device memory for the update and back to pinned host
   memory by the output shardings; it is passed apart and not donated (XLA:CPU cannot alias host buffers)."""
 
-  def __init__(self, graphdef, tx, config, shardings: dict, mesh):
+  def __init__(self, graphdef, tx, config, shardings: dict, mesh, loss_fn=None):
     self.offload = bool(config.offload.optimizer_state)
     on_device = (jax.tree.map(lambda s: s.with_memory_kind("device"), shardings["opt_state"])
                  if self.offload else None)
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config, opt_on_device=on_device)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, config=config, opt_on_device=on_device,
+                             loss_fn=loss_fn)
     self._jit = jax.jit(lambda donated, kept, batch, frozen: step({**donated, **kept}, batch, frozen),
                         donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     self.mesh = mesh  # traced under it: activation constraints and the MoE shard_map read it
@@ -252,7 +256,7 @@ def _global_norm(tree):
 
 
 # --------------------------------------------------------------------------------------------------- loop
-class _Stop:
+class StopSignal:
   """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
 
   def __init__(self):
@@ -271,9 +275,26 @@ class _Stop:
       signal.signal(sig, handler)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) a training run in `workdir`; returns the last eval metrics. In a multi-host job every
-  process runs this; the first writes the work directory's files and metrics."""
+@dataclasses.dataclass
+class Run:
+  """A training run's set-up (`setup`), shared by SFT (`train`) and post-training (train/grpo.py)."""
+  primary: bool
+  tokenizer: Tokenizer
+  cfg: ModelConfig
+  graphdef: nnx.GraphDef
+  frozen: dict
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  shardings: dict
+  state: dict  # the train state, restored when the work directory has a checkpoint
+  ckpt: Checkpointer
+  base_item: dict  # the Orbax item naming a LoRA run's base
+  data_state: dict | None  # this process's data position from the checkpoint (None: a fresh run)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Everything before the first step: processes joined, overlay applied, work directory files written, model
+  built or loaded, train state placed (and restored from `workdir`'s newest checkpoint, if any)."""
   distributed.initialize(config.distributed)  # before anything starts the backend
   primary = distributed.is_primary()
   platform = hardware.apply_overlay(config)
@@ -313,8 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   base_item = {"init_from": os.path.abspath(start_from)} if frozen and start_from else {}
 
   ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  loader, make_eval = make_loaders(config, tokenizer, cfg)
-  start = ckpt.latest_step()
+  start, data_state = ckpt.latest_step(), None
   if start is not None:
     # Restored into device memory, then placed (an offloaded optimizer state goes back to pinned host memory).
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -322,8 +342,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             train_state)
     train_state, data_state = ckpt.restore(start, abstract)
     train_state = jax.device_put(train_state, shardings)
-    loader.restore(data_state["processes"][jax.process_index()] if "processes" in data_state else data_state)
+    data_state = data_state["processes"][jax.process_index()] if "processes" in data_state else data_state
     print(f"resumed from step {start}", flush=True)
+  return Run(primary, tokenizer, cfg, graphdef, frozen, mesh, tx, shardings, train_state, ckpt, base_item,
+             data_state)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) a training run in `workdir`; returns the last eval metrics. In a multi-host job every
+  process runs this; the first writes the work directory's files and metrics."""
+  if config.get("rl") and config.rl.algorithm:  # post-training with rewards or preferences: same entry
+    from qwen3vl.train import grpo
+    return grpo.train(config, workdir)
+  run = setup(config, workdir)
+  primary, cfg, graphdef, frozen, mesh = run.primary, run.cfg, run.graphdef, run.frozen, run.mesh
+  tx, shardings, train_state, ckpt, base_item = run.tx, run.shardings, run.state, run.ckpt, run.base_item
+  loader, make_eval = make_loaders(config, run.tokenizer, cfg)
+  if run.data_state is not None:
+    loader.restore(run.data_state)
   start = int(train_state["step"])
 
   step_fn = TrainStep(graphdef, tx, config, shardings, mesh)
@@ -338,7 +374,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     states = distributed.gather_json(loader.state())
     return states[0] if len(states) == 1 else {"processes": states}
 
-  stop = _Stop()
+  stop = StopSignal()
   last_eval, flops, window = {}, None, []
   try:
     step = start
