@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny_moe"):
   c.rl.prompts = 4 if tiny else 16  # prompts per step
   c.rl.group = 8  # answers sampled per prompt (G)
   c.rl.updates = 2  # updates per rollout (the first is on-policy; later ones clip the ratio)
-  c.rl.max_new_tokens = 16 if tiny else 256
+  c.rl.max_new_tokens = 8 if tiny else 256  # the synthetic answers are a word and <|im_end|>
   c.rl.temperature = 1.0
   c.rl.top_p = 1.0
   c.rl.clip_eps = 0.2
@@ -24,7 +24,7 @@ def get_config(arg: str = "tiny_moe"):
   # One answer a row: the batch is prompts x group rows with SFT's vision budget per row.
   c.data.pack = False
   if tiny:
-    c.data.max_length = 64  # the synthetic prompts are 18-24 tokens; + 16 answer tokens
+    c.data.max_length = 48  # the synthetic prompts are 18-24 tokens, + 8 answer tokens
   c.data.batch_size = c.rl.get_ref("prompts") * c.rl.get_ref("group")
   c.data.max_patches = c.data.get_ref("batch_size") * patches_per_row
   c.optim.lr = 3e-4 if tiny else 1e-6

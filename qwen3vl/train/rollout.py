@@ -55,14 +55,19 @@ def until_stop(tokens, stop_ids) -> list[int]:
 
 def sample(model, builder: SampleBuilder, records: list[dict], rewards: dict, *, group: int, max_new_tokens: int,
            temperature: float, top_p: float | None, rng, stop_ids, pad_id: int) -> Rollout:
-  """`group` answers to each record's prompt, sampled together in one left-padded batch, and their rewards."""
+  """`group` answers to each record's prompt, sampled together in one left-padded batch, and their rewards.
+  The rewards read the answer as the model wrote it: only a closing <|im_end|> is taken off; any other special
+  token (an <|endoftext|> that stopped it, say) stays in the text, so an answer the chat template would not
+  close does not match."""
   start = time.perf_counter()
   prompts = [builder.prompt(r) for r in records]
   batch = stack_inputs([prompt_inputs(p) for p in prompts for _ in range(group)], pad_id)
   tokens = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, rng=rng,
                     stop_ids=stop_ids, pad_id=pad_id)
   answers = [until_stop(row, stop_ids) for row in tokens]
-  texts = [builder.tokenizer.decode([t for t in a if t not in stop_ids], skip_special_tokens=True) for a in answers]
+  end = builder.tokenizer.special_ids["im_end"]
+  texts = [builder.tokenizer.decode(a[:-1] if a and a[-1] == end else a, skip_special_tokens=False)
+           for a in answers]
   scores = [rewards_lib.score(rewards, records[i // group], text) for i, text in enumerate(texts)]
   by_name = {name: np.asarray([s[name] for s in scores], np.float32).reshape(len(records), group)
              for name in rewards}
