@@ -105,9 +105,7 @@ class MoE(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
       return self._routed(x, weights, experts, gate_up, down, 0), none_dropped
-    batch_axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
-    expert_axis = "expert" if mesh.shape["expert"] > 1 and down.shape[0] % mesh.shape["expert"] == 0 else None
-    tensor_axis = "tensor" if mesh.shape["tensor"] > 1 and down.shape[1] % mesh.shape["tensor"] == 0 else None
+    batch_axes, expert_axis, tensor_axis = mesh_axes(mesh, *down.shape[:2])
     if not batch_axes and tensor_axis is None:
       return self._routed(x, weights, experts, gate_up, down, 0), none_dropped
     if x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
@@ -193,15 +191,24 @@ class MoE(nnx.Module):
     return jnp.einsum("eth,te->th", y, scatter)
 
 
+def mesh_axes(mesh, num_experts: int, width: int) -> tuple[tuple[str, ...], str | None, str | None]:
+  """(the batch axes the tokens split over, "expert" if the experts split over it, "tensor" if each expert's MLP
+  width does): an axis of size 1, or one that does not divide, is not used."""
+  batch_axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
+  expert_axis = "expert" if mesh.shape["expert"] > 1 and num_experts % mesh.shape["expert"] == 0 else None
+  tensor_axis = "tensor" if mesh.shape["tensor"] > 1 and width % mesh.shape["tensor"] == 0 else None
+  return batch_axes, expert_axis, tensor_axis
+
+
 def describe(cfg: ModelConfig, mesh, platform: str) -> str:
   """One line on how the MoE layers run on `mesh` for `platform` (train.py's log, the compile tool's report)."""
   t = cfg.text
   if cfg.moe_impl == "dense":
     return f"moe: dense reference path ({t.num_experts} experts on every token)"
-  axes = [a for a in BATCH if mesh.shape[a] > 1]
-  n, tensor = mesh.shape["expert"], mesh.shape["tensor"]
+  axes, expert_axis, tensor_axis = mesh_axes(mesh, t.num_experts, t.moe_intermediate_size)
+  axes, n, tensor = list(axes), mesh.shape["expert"], mesh.shape["tensor"]
   parts = []
-  if n > 1 and t.num_experts % n == 0:
+  if expert_axis:
     if cfg.moe_dispatch == "all_to_all":
       transport = "ragged_all_to_all" if platform in ("tpu", "gpu") else "padded dense all_to_all (CPU)"
       room = (f"capacity {cfg.moe_capacity_factor:g} x the local copies (overflow dropped)"
@@ -212,7 +219,7 @@ def describe(cfg: ModelConfig, mesh, platform: str) -> str:
     parts.append(f"{t.num_experts // n} experts per device")
   elif axes:
     parts.append("every expert on every device")
-  if tensor > 1 and t.moe_intermediate_size % tensor == 0:
+  if tensor_axis:
     parts.append(f"expert MLP width over tensor={tensor}")
   # What the compilers make of ragged_dot (jax 0.10.2): XLA:TPU a grouped-matmul kernel, XLA:GPU and XLA:CPU every
   # expert over every token copy (found in the optimized HLO: [experts, copies, width] masks).
