@@ -38,7 +38,8 @@ def test_training_rows_hold_the_sampled_answers():
   builder = SampleBuilder(Tokenizer.builtin(), max_length=64, image_processor=ip, video_processor=vp)
   ids = builder.tokenizer.special_ids
   records = [make_record("eval", i) for i in range(3)]
-  out = rollout.sample(model, builder, records, rewards.select("exact_match,format"), group=2, max_new_tokens=6,
+  out = rollout.sample(model, builder, records, [builder.prompt(r) for r in records],
+                       rewards.select("exact_match,format"), group=2, max_new_tokens=6,
                        temperature=0.0, top_p=None, rng=jax.random.key(0), stop_ids=[ids["im_end"]],
                        pad_id=ids["pad"])
   assert len(out.answers) == 6 and out.rewards["format"].shape == (3, 2)

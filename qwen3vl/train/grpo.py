@@ -22,9 +22,8 @@ import numpy as np
 from flax import nnx
 
 from qwen3vl import distributed
-from qwen3vl.data.datasets import SampleBuilder, SkipSample, processors_for
-from qwen3vl.data.loader import JsonlSource, SyntheticSource
-from qwen3vl.data.packing import Packer, to_model_inputs
+from qwen3vl.data.datasets import SampleBuilder, SkipSample
+from qwen3vl.data.packing import to_model_inputs
 from qwen3vl.train import adapters, losses, rewards as rewards_lib, rollout as rollout_lib, trainer
 from qwen3vl.train.metrics import MetricsWriter
 from qwen3vl.train.optim import schedule
@@ -54,20 +53,26 @@ def grpo_loss_fn(graphdef, params, batch, config):
 
 
 class Prompts:
-  """The records to answer, in a seeded order reshuffled every epoch; `position` (records taken) is the data
-  state a checkpoint keeps."""
+  """The records to answer, in a seeded order reshuffled every epoch, each with its prompt; a record that cannot
+  be one (too long, a bad image) is passed over. `position` (records taken) is the data state a checkpoint keeps."""
 
-  def __init__(self, source, seed: int, position: int = 0):
-    self.source, self.seed, self.position = source, seed, position
+  def __init__(self, source, builder: SampleBuilder, seed: int, position: int = 0):
+    self.source, self.builder, self.seed, self.position = source, builder, seed, position
 
-  def take(self, n: int) -> list[dict]:
-    out = []
-    for _ in range(n):
+  def take(self, n: int) -> tuple[list[dict], list]:
+    """(n records, their prompts)."""
+    records, prompts = [], []
+    while len(records) < n:
       epoch, i = divmod(self.position, len(self.source))
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-      out.append(self.source[int(order[i])])
       self.position += 1
-    return out
+      record = self.source[int(order[i])]
+      try:
+        prompts.append(self.builder.prompt(record))
+      except SkipSample:
+        continue
+      records.append(record)
+    return records, prompts
 
 
 def validate(config):
@@ -90,14 +95,11 @@ def train(config, workdir: str) -> dict:
   validate(config)
   run = trainer.setup(config, workdir)
   cfg, graphdef, frozen, mesh, r = run.cfg, run.graphdef, run.frozen, run.mesh, config.rl
-  d, v = config.data, cfg.vision
-  image_processor, video_processor = processors_for(v, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
-  builder = SampleBuilder(run.tokenizer, max_length=d.max_length, image_processor=image_processor,
-                          video_processor=video_processor, token_ratio=cfg.vision_token_ratio)
-  source = JsonlSource(d.train_path) if d.train_path else SyntheticSource("train", d.synthetic_train_size,
-                                                                           d.image_size, config.seed)
-  prompts = Prompts(source, config.seed, (run.data_state or {}).get("position", 0))
-  _, make_eval = trainer.make_loaders(config, run.tokenizer, cfg)
+  # SFT's data set-up: its train loader's source, builder and packer (one answer a row: data.pack is False)
+  # serve the prompts and the rows; it is not iterated.
+  loader, make_eval = trainer.make_loaders(config, run.tokenizer, cfg)
+  builder = loader.builder
+  prompts = Prompts(loader.source, builder, config.seed, (run.data_state or {}).get("position", 0))
   chosen = rewards_lib.select(r.rewards)
   ids = run.tokenizer.special_ids
   stop_ids, pad_id = sorted({ids["im_end"], ids["pad"]}), ids["pad"]
@@ -113,7 +115,7 @@ def train(config, workdir: str) -> dict:
   state, ckpt = run.state, run.ckpt
   start = int(state["step"]) // r.updates
   writer = MetricsWriter(workdir, config.train.steps, start, enabled=run.primary)
-  merge = v.spatial_merge_size
+  merge = cfg.vision.spatial_merge_size
   last_eval = {}
   stop = trainer.StopSignal()  # SIGTERM / Ctrl-C: checkpoint at the step reached, then exit
   try:
@@ -121,12 +123,14 @@ def train(config, workdir: str) -> dict:
       if stop.requested:
         writer.print(f"stop requested: saving a checkpoint at step {i}")
         break
-      records = prompts.take(r.prompts)
+      records, asked = prompts.take(r.prompts)
       key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), i)
       model = nnx.merge(graphdef, adapters.join(state["params"], frozen))
-      out = _sample(model, builder, records, chosen, prompts, r, key, stop_ids, pad_id)
+      out = rollout_lib.sample(model, builder, records, asked, chosen, group=r.group,
+                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p or None,
+                               rng=key, stop_ids=stop_ids, pad_id=pad_id)
       update_start = time.perf_counter()
-      batch = _rows(builder, out, config, v)
+      batch = _rows(builder, loader.packer.clone(), out)
       batch["advantages"] = group_advantages(jnp.asarray(out.total)).reshape(-1)
       batch = distributed.global_batch(batch, mesh, merge)
       with jax.set_mesh(mesh):
@@ -166,31 +170,8 @@ def train(config, workdir: str) -> dict:
   return last_eval
 
 
-def _sample(model, builder, records, chosen, prompts, r, key, stop_ids, pad_id) -> rollout_lib.Rollout:
-  """A rollout of `records`; a record that cannot be a prompt (too long, bad image) is replaced by the next."""
-  while True:
-    try:
-      return rollout_lib.sample(model, builder, records, chosen, group=r.group, max_new_tokens=r.max_new_tokens,
-                                temperature=r.temperature, top_p=r.top_p or None, rng=key, stop_ids=stop_ids,
-                                pad_id=pad_id)
-    except SkipSample:
-      records = [rec for rec in records if _promptable(builder, rec)]
-      records += prompts.take(r.prompts - len(records))
-
-
-def _promptable(builder, record) -> bool:
-  try:
-    builder.prompt(record)
-    return True
-  except SkipSample:
-    return False
-
-
-def _rows(builder, out, config, vision) -> dict:
-  """The rollout's P x G training rows as one Packer batch (one answer a row, prompt-major)."""
-  d = config.data
-  packer = Packer(d.batch_size, d.max_length, d.max_patches, pack=False, builder=builder,
-                  merge_size=vision.spatial_merge_size, num_position_embeddings=vision.num_position_embeddings)
+def _rows(builder, packer, out) -> dict:
+  """The rollout's P x G training rows as one batch of `packer` (one answer a row, prompt-major)."""
   for row, sample in enumerate(rollout_lib.training_rows(builder, out)):
     if not packer.add(sample):
       raise ValueError(f"GRPO row {row} does not fit the batch: raise data.max_length (needs prompt + "

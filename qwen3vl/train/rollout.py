@@ -53,14 +53,14 @@ def until_stop(tokens, stop_ids) -> list[int]:
   return row
 
 
-def sample(model, builder: SampleBuilder, records: list[dict], rewards: dict, *, group: int, max_new_tokens: int,
-           temperature: float, top_p: float | None, rng, stop_ids, pad_id: int) -> Rollout:
-  """`group` answers to each record's prompt, sampled together in one left-padded batch, and their rewards.
+def sample(model, builder: SampleBuilder, records: list[dict], prompts: list[Sample], rewards: dict, *, group: int,
+           max_new_tokens: int, temperature: float, top_p: float | None, rng, stop_ids, pad_id: int) -> Rollout:
+  """`group` answers to each record's prompt (`SampleBuilder.prompt`), sampled together in one left-padded batch,
+  and their rewards.
   The rewards read the answer as the model wrote it: only a closing <|im_end|> is taken off; any other special
   token (an <|endoftext|> that stopped it, say) stays in the text, so an answer the chat template would not
   close does not match."""
   start = time.perf_counter()
-  prompts = [builder.prompt(r) for r in records]
   batch = stack_inputs([prompt_inputs(p) for p in prompts for _ in range(group)], pad_id)
   tokens = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, rng=rng,
                     stop_ids=stop_ids, pad_id=pad_id)
