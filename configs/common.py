@@ -120,3 +120,29 @@ def training_config(preset: str, *, tiny: bool) -> ml_collections.ConfigDict:
   # Host offload: the optimizer state lives in pinned host memory between steps and is moved in for the update.
   c.offload = ml_collections.ConfigDict({"optimizer_state": False})
   return c
+
+
+def post_training_config(arg: str, algorithm: str) -> ml_collections.ConfigDict:
+  """SFT's config with the `rl` fields of post-training (qwen3vl/train/posttrain.py), shared by grpo.py and
+  dpo.py: one answer a row (no packing), `rows_per_prompt` rows per prompt."""
+  tiny = arg.startswith("tiny")
+  c = training_config(arg, tiny=tiny)
+  # One image a row at most: the vision budget per row is the largest image (max_pixels over 16 x 16 patches),
+  # capped at SFT's per-row budget. Padding patches cost as much as real ones (6x the step time on the tiny task
+  # with SFT's budget).
+  patches_per_row = min(c.data.max_pixels // 16**2, c.data.max_patches // c.data.batch_size)
+  c.rl = ml_collections.ConfigDict()
+  c.rl.algorithm = algorithm
+  c.rl.rewards = "exact_match"  # names registered in qwen3vl/train/rewards.py, comma-separated: summed
+  c.rl.prompts = 16  # prompts per step
+  c.rl.group = 8  # answers sampled per prompt (G)
+  c.rl.updates = 1  # updates per step's rows (GRPO: the first is on-policy; later ones clip the ratio)
+  c.rl.max_new_tokens = 8 if tiny else 256  # the synthetic answers are a word and <|im_end|>
+  c.rl.temperature = 1.0
+  c.rl.top_p = 1.0
+  c.data.pack = False
+  if tiny:
+    c.data.max_length = 48  # the synthetic prompts are 18-24 tokens, + 8 answer tokens
+  c.data.max_patches = c.data.get_ref("batch_size") * patches_per_row
+  c.train.log_every = 5
+  return c

@@ -85,6 +85,13 @@ def test_dpo_loss_and_gradient_equal_numpy():
       jnp.asarray(chosen), jnp.asarray(rejected))
   np.testing.assert_allclose(d_chosen, -beta * sigmoid / 8, rtol=1e-5)
   np.testing.assert_allclose(d_rejected, beta * sigmoid / 8, rtol=1e-5)
+  # Weights 0 drop a pair (a group with no reward spread): the weighted means equal numpy's over the others.
+  weights = np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float32)
+  loss, metrics = pl.dpo_loss(*map(jnp.asarray, (chosen, rejected, ref_c, ref_r)), beta=beta,
+                              weights=jnp.asarray(weights))
+  kept = weights > 0
+  np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-margin[kept]))), rtol=1e-5)
+  np.testing.assert_allclose(metrics["margin"], margin[kept].mean(), rtol=1e-5)
 
 
 def test_rewards_by_name_on_synthetic_and_jsonl_records():

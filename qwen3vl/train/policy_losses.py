@@ -25,6 +25,15 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def answer_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the next-token distributions at the answer tokens: a policy collapsing onto one answer
+  shows it falling."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  mask = mask.astype(jnp.float32)
+  return (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
 def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
   """rewards [P, G] (G answers to each of P prompts) -> (r - group mean) / (group std + eps); a group whose
   answers all scored the same gets 0 (nothing to learn from it)."""
@@ -54,10 +63,12 @@ def sequence_logprobs(logp: jax.Array, mask: jax.Array) -> jax.Array:
   return (logp * mask.astype(logp.dtype)).sum(-1)
 
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta: float = 0.1):
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta: float = 0.1, weights=None):
   """Sequence log-probs [N] of the chosen and rejected answers under the policy and the frozen reference ->
   (mean loss, {"reward_accuracy": share of pairs whose implicit reward ranks chosen first, "margin": mean
-  beta-scaled margin})."""
+  beta-scaled margin}); `weights` [N] (0 for a pair that is not one) make every mean a weighted one."""
   stop = jax.lax.stop_gradient
   margin = beta * ((chosen - stop(ref_chosen)) - (rejected - stop(ref_rejected)))
-  return -jax.nn.log_sigmoid(margin).mean(), {"reward_accuracy": (margin > 0).mean(), "margin": margin.mean()}
+  w = jnp.ones_like(margin) if weights is None else weights.astype(margin.dtype)
+  mean = lambda x: (x * w).sum() / jnp.maximum(w.sum(), 1e-9)  # noqa: E731
+  return mean(-jax.nn.log_sigmoid(margin)), {"reward_accuracy": mean(margin > 0), "margin": mean(margin)}

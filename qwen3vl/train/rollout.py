@@ -33,6 +33,13 @@ class Rollout:
     """[P, G] the answers' rewards (the sum of the chosen ones)."""
     return sum(self.rewards.values())
 
+  def metrics(self) -> dict:
+    """Mean rewards, answer length, and the share of groups whose rewards differ (the others teach nothing)."""
+    return {"rl/reward": float(self.total.mean()),
+            **{f"rl/reward_{k}": float(x.mean()) for k, x in self.rewards.items()},
+            "rl/answer_tokens": float(np.mean([len(a) for a in self.answers])),
+            "rl/mixed_groups": float((self.total.max(-1) > self.total.min(-1)).mean())}
+
 
 def prompt_inputs(prompt: Sample) -> dict:
   """One prompt as `generate` takes it: input_ids [1, L] and its vision arrays."""
@@ -72,6 +79,22 @@ def sample(model, builder: SampleBuilder, records: list[dict], prompts: list[Sam
   by_name = {name: np.asarray([s[name] for s in scores], np.float32).reshape(len(records), group)
              for name in rewards}
   return Rollout(records, prompts, answers, texts, by_name, time.perf_counter() - start)
+
+
+class Sampler:
+  """`sample` with a post-training config's `rl` fields (group, max_new_tokens, temperature, top_p, rewards)."""
+
+  def __init__(self, rl, builder: SampleBuilder):
+    self.rl, self.builder = rl, builder
+    self.rewards = rewards_lib.select(rl.rewards)
+    ids = builder.tokenizer.special_ids
+    self.stop_ids, self.pad_id = sorted({ids["im_end"], ids["pad"]}), ids["pad"]
+
+  def __call__(self, model, records: list[dict], prompts: list[Sample], key) -> Rollout:
+    r = self.rl
+    return sample(model, self.builder, records, prompts, self.rewards, group=r.group,
+                  max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p or None, rng=key,
+                  stop_ids=self.stop_ids, pad_id=self.pad_id)
 
 
 def training_rows(builder: SampleBuilder, rollout: Rollout) -> list[Sample]:

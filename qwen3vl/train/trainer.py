@@ -352,8 +352,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a training run in `workdir`; returns the last eval metrics. In a multi-host job every
   process runs this; the first writes the work directory's files and metrics."""
   if config.get("rl") and config.rl.algorithm:  # post-training with rewards or preferences: same entry
-    from qwen3vl.train import grpo
-    return grpo.train(config, workdir)
+    from qwen3vl.train import posttrain
+    return posttrain.train(config, workdir)
   run = setup(config, workdir)
   primary, cfg, graphdef, frozen, mesh = run.primary, run.cfg, run.graphdef, run.frozen, run.mesh
   tx, shardings, train_state, ckpt, base_item = run.tx, run.shardings, run.state, run.ckpt, run.base_item
