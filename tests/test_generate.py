@@ -66,6 +66,11 @@ def test_sampling_switches_and_stop_tokens():
   a = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, temperature=5.0, rng=jax.random.key(1))
   b = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, temperature=5.0, rng=jax.random.key(2))
   assert a.shape == b.shape == (2, NEW) and not np.array_equal(a, b)  # hot sampling depends on the key
+  banned = sorted(set(a.ravel().tolist()) | set(greedy.ravel().tolist()))
+  c = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, temperature=5.0, rng=jax.random.key(1),
+               suppress_ids=banned)
+  d = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, suppress_ids=banned)
+  assert not set(c.ravel().tolist()) & set(banned) and not set(d.ravel().tolist()) & set(banned)
   stop = int(greedy[0, 2])
   stopped = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_ids=[stop], pad_id=-1)
   first = int(np.flatnonzero(greedy[0] == stop)[0])

@@ -23,6 +23,32 @@ def test_group_advantages_are_the_rewards_normalised_within_each_group():
   want = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, keepdims=True) + 1e-4)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got[0, 0] > 0 > got[0, 1] and np.all(got[1] == 0)  # a group that all scored alike teaches nothing
+  centred = rewards - rewards.mean(1, keepdims=True)
+  np.testing.assert_allclose(pl.group_advantages(jnp.asarray(rewards), "none"), centred, atol=1e-7)
+  mean = np.asarray(pl.group_advantages(jnp.asarray(rewards), "mean"))
+  np.testing.assert_allclose(mean, centred / (rewards.mean(1, keepdims=True) + 1e-4), rtol=1e-5)
+
+
+def test_mean_scaled_advantages_give_the_gradient_of_log_success():
+  """With advantages scaled by the group mean and a 0/1 reward, a group's expected update is
+  (1 - (1 - p)^(G - 1)) x the gradient of log p(right answer), SFT's gradient for all but prompts too hard for the
+  group: checked exactly by enumerating every group of 3 answers drawn from a 4-answer softmax."""
+  import itertools
+  logits, right, group = jnp.asarray(RNG.normal(0, 1, 4)), 2, 3
+
+  def expected(logits):
+    p = jax.nn.softmax(jax.lax.stop_gradient(logits))
+    logp = jax.nn.log_softmax(logits)
+    total = 0.0
+    for answers in itertools.product(range(4), repeat=group):
+      rewards = jnp.asarray([[float(a == right) for a in answers]])
+      adv = jnp.nan_to_num(pl.group_advantages(rewards, "mean", eps=0.0)[0])  # no right answer: 0 / 0 -> 0
+      total += jnp.prod(p[jnp.asarray(answers)]) * sum(adv[k] * logp[a] for k, a in enumerate(answers)) / group
+    return total
+
+  p = float(jax.nn.softmax(logits)[right])
+  want = (1 - (1 - p) ** (group - 1)) * jax.grad(lambda x: jax.nn.log_softmax(x)[right])(logits)
+  np.testing.assert_allclose(jax.grad(expected)(logits), want, rtol=1e-4, atol=1e-7)
 
 
 def test_grpo_loss_equals_numpy_on_a_hand_built_group():

@@ -47,12 +47,14 @@ class DecodeState:
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
              video_grid_thw=None, attention_mask=None, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, rng=None, stop_ids=(), pad_id: int = 0,
+             suppress_ids=(),
              bucket: int = 64, kv_cache: str = "auto", stream: Callable[[int, np.ndarray], None] | None = None,
              state: DecodeState | None = None, return_state: bool = False, mesh=None):
   """New tokens [batch, max_new_tokens] (numpy int32), `pad_id` after each row's first stop token.
 
   input_ids [B, L] left-padded (attention_mask 0 on the padding), with image / video pad tokens expanded as the
-  processor does; pixel values and grids as for `Qwen3VL.__call__`. temperature 0 is greedy. Prompts are
+  processor does; pixel values and grids as for `Qwen3VL.__call__`. temperature 0 is greedy; `suppress_ids` are
+  never chosen. Prompts are
   left-padded (masked) to a multiple of `bucket` tokens so a new prompt length rarely means a new compilation.
   kv_cache "int8" stores the cache in int8 with per-(slot, head) scales. `stream(step, tokens [B])` is called
   as each step's tokens are chosen. With `state` (from a call with return_state=True) input_ids continue that
@@ -82,7 +84,8 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_val
                                   attention_mask=mask)
   # Positions after this chunk advance by its unpadded length + its MRoPE delta (HF: length + rope_deltas).
   advance = jnp.asarray(mask.sum(-1) + np.asarray(deltas).reshape(-1), jnp.int32)
-  static = dict(max_new_tokens=int(max_new_tokens), sampling=Sampling(temperature, top_k, top_p),
+  static = dict(max_new_tokens=int(max_new_tokens), sampling=Sampling(temperature, top_k, top_p,
+                                                                   tuple(sorted({int(i) for i in suppress_ids}))),
                 pad_id=int(pad_id), stream=stream is not None)
   args = (inputs, jnp.asarray(mask, jnp.int32), advance, jax.random.key(0) if rng is None else rng,
           jnp.asarray(list(stop_ids) or [-1], jnp.int32))

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """Static settings (hashable: they select a compiled loop). temperature 0 = greedy."""
+  """Static settings (hashable: they select a compiled loop). temperature 0 = greedy. `suppress`: token ids never
+  chosen (HF's suppress_tokens), e.g. the vision placeholders, which a policy's answer must not hold."""
   temperature: float = 0.0
   top_k: int | None = None
   top_p: float | None = None
+  suppress: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -26,6 +28,8 @@ class Sampling:
 
 def next_token(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
   """logits [B, V] float32 -> token ids [B] int32."""
+  if s.suppress:
+    logits = logits.at[..., jnp.asarray(s.suppress)].set(-jnp.inf)
   if s.temperature == 0:
     return jnp.argmax(logits, -1).astype(jnp.int32)
   logits = logits / s.temperature

@@ -77,9 +77,9 @@ class DPO:
       if not ok:
         raise ValueError(f"invalid config field {name}: {r[name.split('.')[1]]!r}")
 
-  def __init__(self, config, builder: SampleBuilder):
+  def __init__(self, config, builder: SampleBuilder, mesh=None):
     self.config, self.builder = config.rl, builder
-    self.sampler = None if config.rl.pairs else rollout.Sampler(config.rl, builder)
+    self.sampler = None if config.rl.pairs else rollout.Sampler(config.rl, builder, mesh)
     self.needs_reference = True
 
   def source(self, default):

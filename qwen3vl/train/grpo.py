@@ -51,13 +51,15 @@ class GRPO:
   def validate(config):
     r = config.rl
     for name, ok in (("rl.group", r.group >= 2), ("rl.max_new_tokens", r.max_new_tokens >= 1),
-                     ("rl.clip_eps", r.clip_eps > 0), ("rl.kl_coef", r.kl_coef >= 0)):
+                     ("rl.clip_eps", r.clip_eps > 0), ("rl.kl_coef", r.kl_coef >= 0),
+                     ("rl.advantage", r.advantage in ("std", "mean", "none"))):
       if not ok:
         raise ValueError(f"invalid config field {name}: {r[name.split('.')[1]]!r}")
 
-  def __init__(self, config, builder: SampleBuilder):
-    self.builder, self.sample = builder, rollout_lib.Sampler(config.rl, builder)
+  def __init__(self, config, builder: SampleBuilder, mesh=None):
+    self.builder, self.sample = builder, rollout_lib.Sampler(config.rl, builder, mesh)
     self.needs_reference = config.rl.kl_coef > 0
+    self.scale = config.rl.advantage
 
   def source(self, default):
     return default
@@ -65,5 +67,5 @@ class GRPO:
   def rows(self, model, records, prompts, key):
     """(the P x G rows, {"advantages": [P x G]}, the rollout's metrics)."""
     out = self.sample(model, records, prompts, key)
-    advantages = np.asarray(group_advantages(jnp.asarray(out.total))).reshape(-1)
+    advantages = np.asarray(group_advantages(jnp.asarray(out.total), self.scale)).reshape(-1)
     return rollout_lib.training_rows(self.builder, out), {"advantages": advantages}, out.metrics()

@@ -34,12 +34,24 @@ def answer_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
-  """rewards [P, G] (G answers to each of P prompts) -> (r - group mean) / (group std + eps); a group whose
-  answers all scored the same gets 0 (nothing to learn from it)."""
+def group_advantages(rewards: jax.Array, scale: str = "std", eps: float = 1e-4) -> jax.Array:
+  """rewards [P, G] (G answers to each of P prompts) -> (r - group mean) / the group's scale; a group whose
+  answers all scored the same gets 0 (nothing to learn from it). Scales:
+  * "std": GRPO's group standard deviation.
+  * "mean": the group mean (rewards >= 0). For a 0/1 reward a prompt's expected update is then
+    (1 - (1 - p)^(G - 1)) x the gradient of log p(right answer), p its chance: SFT's gradient without the labels,
+    except for prompts too hard for the group. A policy that cannot yet tell prompts apart stays calibrated
+    instead of collapsing onto its commonest answer (what maximising E[reward] does), and hard prompts weigh as
+    much as nearly solved ones ("std" weighs a prompt by about sqrt(p / (1 - p)))
+  * "none": the centred reward (Dr. GRPO)."""
   rewards = rewards.astype(jnp.float32)
   centred = rewards - rewards.mean(-1, keepdims=True)
-  return centred / (rewards.std(-1, keepdims=True) + eps)
+  if scale == "none":
+    return centred
+  if scale not in ("std", "mean"):
+    raise ValueError(f"invalid config field rl.advantage: {scale!r} (std, mean or none)")
+  by = rewards.std(-1, keepdims=True) if scale == "std" else rewards.mean(-1, keepdims=True)
+  return centred / (by + eps)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float = 0.2, kl_coef: float = 0.04):

@@ -90,7 +90,7 @@ def train(config, workdir: str) -> dict:
   # SFT's data set-up: its train loader's builder and packer (one answer a row: data.pack is False) make the
   # rows; its source serves the prompts unless the method reads its own (DPO's pairs file). Not iterated.
   loader, make_eval = trainer.make_loaders(config, run.tokenizer, cfg)
-  method = method_class(config, loader.builder)
+  method = method_class(config, loader.builder, mesh)  # rollouts decode sharded over the mesh's data axes
   prompts = Prompts(method.source(loader.source), loader.builder, config.seed,
                     (run.data_state or {}).get("position", 0))
   # The reference: the starting weights (rebuilt, so a resumed run has the same reference).

@@ -51,6 +51,15 @@ def prompt_inputs(prompt: Sample) -> dict:
   return out
 
 
+def vision_ids(tokenizer) -> list[int]:
+  """The vision placeholder tokens: never sampled into an answer (a training row holding one would not match its
+  images). The update's log-probs are the model's own over all tokens; the suppressed ones carry a negligible
+  share of a trained model's mass."""
+  ids = tokenizer.special_ids
+  return [ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+          if k in ids]
+
+
 def until_stop(tokens, stop_ids) -> list[int]:
   """A row of generated tokens up to and including its first stop token (all of it when none came)."""
   row = [int(t) for t in tokens]
@@ -61,16 +70,17 @@ def until_stop(tokens, stop_ids) -> list[int]:
 
 
 def sample(model, builder: SampleBuilder, records: list[dict], prompts: list[Sample], rewards: dict, *, group: int,
-           max_new_tokens: int, temperature: float, top_p: float | None, rng, stop_ids, pad_id: int) -> Rollout:
+           max_new_tokens: int, temperature: float, top_p: float | None, rng, stop_ids, pad_id: int,
+           mesh=None) -> Rollout:
   """`group` answers to each record's prompt (`SampleBuilder.prompt`), sampled together in one left-padded batch,
   and their rewards.
   The rewards read the answer as the model wrote it: only a closing <|im_end|> is taken off; any other special
   token (an <|endoftext|> that stopped it, say) stays in the text, so an answer the chat template would not
-  close does not match."""
+  close does not match. With a `mesh` the batch is decoded sharded over its data axes (generate's `mesh`)."""
   start = time.perf_counter()
   batch = stack_inputs([prompt_inputs(p) for p in prompts for _ in range(group)], pad_id)
   tokens = generate(model, **batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, rng=rng,
-                    stop_ids=stop_ids, pad_id=pad_id)
+                    stop_ids=stop_ids, pad_id=pad_id, mesh=mesh, suppress_ids=vision_ids(builder.tokenizer))
   answers = [until_stop(row, stop_ids) for row in tokens]
   end = builder.tokenizer.special_ids["im_end"]
   texts = [builder.tokenizer.decode(a[:-1] if a and a[-1] == end else a, skip_special_tokens=False)
@@ -84,8 +94,8 @@ def sample(model, builder: SampleBuilder, records: list[dict], prompts: list[Sam
 class Sampler:
   """`sample` with a post-training config's `rl` fields (group, max_new_tokens, temperature, top_p, rewards)."""
 
-  def __init__(self, rl, builder: SampleBuilder):
-    self.rl, self.builder = rl, builder
+  def __init__(self, rl, builder: SampleBuilder, mesh=None):
+    self.rl, self.builder, self.mesh = rl, builder, mesh
     self.rewards = rewards_lib.select(rl.rewards)
     ids = builder.tokenizer.special_ids
     self.stop_ids, self.pad_id = sorted({ids["im_end"], ids["pad"]}), ids["pad"]
@@ -94,7 +104,7 @@ class Sampler:
     r = self.rl
     return sample(model, self.builder, records, prompts, self.rewards, group=r.group,
                   max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p or None, rng=key,
-                  stop_ids=self.stop_ids, pad_id=self.pad_id)
+                  stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
 
 
 def training_rows(builder: SampleBuilder, rollout: Rollout) -> list[Sample]:
