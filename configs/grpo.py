@@ -7,9 +7,10 @@ from qwen3vl.configs.common import post_training_config
 def get_config(arg: str = "tiny_moe"):
   tiny = arg.startswith("tiny")
   c = post_training_config(arg, "grpo")
-  # Group scale of the advantages (policy_losses.group_advantages): mean (the gradient of log E[reward]), std
-  # (DeepSeekMath's GRPO), none (Dr. GRPO). On the tiny task "std" collapsed onto each question's commonest
-  # answer and lowered held-out exact match; "mean" raised it (benchmarks/RESULTS.md).
+  # Group scale of the advantages (policy_losses.group_advantages): mean (the expected update follows the
+  # gradient of log p(right answer)), std (DeepSeekMath's GRPO), none (Dr. GRPO). On the tiny task, 15 minutes
+  # from a 500-step SFT start: mean +21 points of held-out exact match, std +16 (its answers collapsed early;
+  # benchmarks/RESULTS.md).
   c.rl.advantage = "mean"
   c.rl.clip_eps = 0.2
   c.rl.kl_coef = 0.0  # > 0: penalty on KL(policy || the starting weights), one more forward a step

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import ROOT
 
-FLAGS = ["--config=configs/grpo.py", "--config.rl.prompts=2", "--config.rl.group=4", "--config.rl.max_new_tokens=8",
+FLAGS = ["--config=configs/grpo.py", "--config.rl.prompts=2", "--config.rl.group=4", "--config.rl.updates=2",
          "--config.rl.rewards=exact_match,format", "--config.train.log_every=1", "--config.train.eval_every=1000",
          "--config.train.checkpoint_every=2", "--config.data.synthetic_eval_size=8", "--config.train.eval_batches=1",
          "--config.optim.warmup_steps=1"]
