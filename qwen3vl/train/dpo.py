@@ -16,12 +16,13 @@ from flax import nnx
 
 from qwen3vl.data.datasets import JsonlSource, SampleBuilder, SkipSample
 from qwen3vl.data.packing import to_model_inputs
-from qwen3vl.train import losses, rollout
+from qwen3vl.train import rollout, trainer
 from qwen3vl.train.policy_losses import dpo_loss, sequence_logprobs, token_logprobs
 
 
 def dpo_loss_fn(graphdef, params, batch, config):
-  """TrainStep's loss: DPO over the batch's (chosen, rejected) row pairs (+ the MoE load-balancing terms)."""
+  """TrainStep's loss: DPO over the batch's (chosen, rejected) row pairs (+ the model's own
+  terms, trainer.model_losses)."""
   model = nnx.merge(graphdef, params)
   logits, extras = model.forward(to_model_inputs(batch))
   mask = batch["loss_mask"]
@@ -30,10 +31,9 @@ def dpo_loss_fn(graphdef, params, batch, config):
   loss, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=config.rl.beta,
                            weights=batch["pair_weight"].reshape(-1, 2)[:, 0])
   metrics["objective"] = loss
-  if extras["router_logits"] is not None:
-    aux, z, _ = losses.moe_losses(extras["router_logits"], (batch["segment_ids"] > 0).reshape(-1),
-                                  model.config.text.num_experts_per_tok)
-    loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
+  own, model_metrics = trainer.model_losses(model, extras, batch, config)
+  metrics.update(model_metrics)
+  loss = loss + own
   metrics["loss"] = loss
   return loss, metrics
 

@@ -16,12 +16,13 @@ from flax import nnx
 
 from qwen3vl.data.datasets import SampleBuilder
 from qwen3vl.data.packing import to_model_inputs
-from qwen3vl.train import losses, rollout as rollout_lib
+from qwen3vl.train import rollout as rollout_lib, trainer
 from qwen3vl.train.policy_losses import answer_entropy, group_advantages, grpo_loss, token_logprobs
 
 
 def grpo_loss_fn(graphdef, params, batch, config):
-  """TrainStep's loss: the GRPO objective on the batch's answer tokens (+ the MoE load-balancing terms of SFT)."""
+  """TrainStep's loss: the GRPO objective on the batch's answer tokens (+ the model's own terms,
+  trainer.model_losses)."""
   model = nnx.merge(graphdef, params)
   logits, extras = model.forward(to_model_inputs(batch))
   logp = token_logprobs(logits, batch["targets"])
@@ -29,10 +30,9 @@ def grpo_loss_fn(graphdef, params, batch, config):
                             clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef)
   metrics["objective"] = loss
   metrics["entropy"] = answer_entropy(logits, batch["loss_mask"])
-  if extras["router_logits"] is not None:
-    aux, z, _ = losses.moe_losses(extras["router_logits"], (batch["segment_ids"] > 0).reshape(-1),
-                                  model.config.text.num_experts_per_tok)
-    loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
+  own, model_metrics = trainer.model_losses(model, extras, batch, config)
+  metrics.update(model_metrics)
+  loss = loss + own
   metrics["loss"] = loss
   return loss, metrics
 

@@ -154,6 +154,22 @@ def initial_state(params, tx, shardings: dict, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ step fns
+def model_losses(model, extras: dict, batch, config) -> tuple[jax.Array | float, dict]:
+  """The model's own training terms beside the objective (SFT's or post-training's), and their metrics: MoE load
+  balancing and router z-loss, the Mixture-of-Depths predictor's loss."""
+  loss, metrics = 0.0, {}
+  if extras["router_logits"] is not None:
+    routed = extras.get("router_mask", (batch["segment_ids"] > 0).reshape(-1))  # tokens each layer processed
+    aux, z, load = losses.moe_losses(extras["router_logits"], routed, model.config.text.num_experts_per_tok)
+    loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
+    metrics.update({"loss/aux": aux, "loss/z": z, "moe/expert_load": load,
+                    "moe/max_load": load.max() / load.mean(), "moe/dropped": extras["moe_dropped"].mean()})
+  if "depth" in extras:  # the predictor's own loss (its input carries no gradient into the model)
+    loss = loss + extras["depth"]["predictor_loss"]
+    metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
+  return loss, metrics
+
+
 def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   """Training routes Mixture-of-Depths layers by the row's top-k, evaluation by the causal predictor (what
   decoding sees). `params`: the whole model's (trainable joined with the frozen base)."""
@@ -169,17 +185,9 @@ def _loss_and_metrics(graphdef, params, batch, config, training: bool = True):
   else:
     logits, extras = model.forward(inputs, **routing)
     ce, correct = losses.cross_entropy(logits, targets, mask)
-  metrics = {"loss/ce": ce}
-  loss = ce
-  if extras["router_logits"] is not None:
-    routed = extras.get("router_mask", (batch["segment_ids"] > 0).reshape(-1))  # tokens each layer processed
-    aux, z, load = losses.moe_losses(extras["router_logits"], routed, model.config.text.num_experts_per_tok)
-    loss = loss + config.loss.aux_loss_coef * aux + config.loss.z_loss_coef * z
-    metrics.update({"loss/aux": aux, "loss/z": z, "moe/expert_load": load,
-                    "moe/max_load": load.max() / load.mean(), "moe/dropped": extras["moe_dropped"].mean()})
-  if "depth" in extras:  # the predictor's own loss (its input carries no gradient into the model)
-    loss = loss + extras["depth"]["predictor_loss"]
-    metrics.update({f"mod/{k}": v for k, v in extras["depth"].items()})
+  own, metrics = model_losses(model, extras, batch, config)
+  loss = ce + own
+  metrics["loss/ce"] = ce
   em, samples = losses.exact_match(correct, mask, batch["segment_ids"])
   metrics.update({"loss": loss, "correct": (correct * mask).sum(), "tokens": mask.sum(), "exact": em,
                   "samples": samples, "seen_tokens": (batch["segment_ids"] > 0).sum()})
