@@ -35,7 +35,8 @@ class MetricsWriter:
         if isinstance(v, (int, float)) and k not in ("step", "time"):
           self.tb.add_scalar(k, v, step)
     shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in record.items()
-             if k in ("train/loss", "train/accuracy", "train/tokens_per_s", "eval/exact_match")}
+             if k in ("train/loss", "train/accuracy", "train/tokens_per_s", "eval/exact_match", "rl/reward",
+                      "dpo/loss")}
     if shown:
       self.bar.set_postfix(shown, refresh=False)
 
