@@ -41,7 +41,7 @@ def main():
   model = assistant.model
   loader, _ = trainer.make_loaders(config, assistant.tokenizer, model.config)
   sampler = rollout.Sampler(config.rl, loader.builder)
-  prompts = posttrain.Prompts(loader.source, loader.builder, config.seed)
+  prompts = posttrain.Prompts(loader.source, loader.builder.prompt, config.seed)
   r = config.rl
   gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p or None,
              stop_ids=sampler.stop_ids, pad_id=sampler.pad_id, suppress_ids=rollout.vision_ids(assistant.tokenizer))

@@ -121,6 +121,7 @@ def test_dpo_on_a_pairs_file_rows_and_a_short_run(tmp_path):
       question = record["conversations"][0]["value"].replace("<image>\n", "")
       f.write(json.dumps({"image": f"{i}.png", "prompt": question, "chosen": record["meta"]["answer"],
                           "rejected": "I cannot tell"}) + "\n")
+    f.write(json.dumps({"image": "0.png", "prompt": "Why?", "chosen": "because " * 40, "rejected": "no"}) + "\n")
   config = dpo_config.get_config()
   config.rl.pairs, config.rl.prompts = str(tmp_path / "pairs.jsonl"), 2
   config.optim.lr, config.optim.warmup_steps = 1e-2, 1
@@ -145,5 +146,7 @@ def test_dpo_on_a_pairs_file_rows_and_a_short_run(tmp_path):
   assert [r["step"] for r in logged] == [1, 2, 3, 4]
   np.testing.assert_allclose(logged[0]["dpo/loss"], np.log(2), rtol=1e-5)
   assert logged[-1]["dpo/loss"] < 0.5 and logged[-1]["dpo/reward_accuracy"] == 1.0
-  assert posttrain.Prompts(source, builder, 0).take(2)[0][0]["chosen"]  # the pairs file serves the prompts
+  # The pairs file serves the prompts; the pair whose chosen row is too long is passed over.
+  taken = posttrain.Prompts(source, method.prompt, 0).take(8)[0]
+  assert {r["chosen"] for r in taken} == {source[i]["chosen"] for i in range(4)}
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")

@@ -85,12 +85,21 @@ class DPO:
   def source(self, default):
     return PairSource(self.config.pairs) if self.config.pairs else default
 
+  def answer_ids(self, text: str) -> list[int]:
+    return self.builder.tokenizer.encode(text) + [self.builder.tokenizer.special_ids["im_end"]]
+
+  def prompt(self, record):
+    """The record's prompt; a pair whose chosen or rejected row would not fit data.max_length is passed over."""
+    prompt = self.builder.prompt(record)
+    if self.sampler is None:
+      for key in ("chosen", "rejected"):
+        self.builder.answered(prompt, self.answer_ids(record[key]))  # raises SkipSample
+    return prompt
+
   def rows(self, model, records, prompts, key):
     """(2 rows a prompt, chosen then rejected; {"pair_weight": per row}; metrics)."""
     if self.sampler is None:
-      end = self.builder.tokenizer.special_ids["im_end"]
-      ids = lambda text: self.builder.tokenizer.encode(text) + [end]  # noqa: E731
-      answers = [ids(r[k]) for r in records for k in ("chosen", "rejected")]
+      answers = [self.answer_ids(r[k]) for r in records for k in ("chosen", "rejected")]
       weights, metrics = np.ones(len(answers), np.float32), {}
     else:
       out = self.sampler(model, records, prompts, key)

@@ -64,6 +64,9 @@ class GRPO:
   def source(self, default):
     return default
 
+  def prompt(self, record):
+    return self.builder.prompt(record)
+
   def rows(self, model, records, prompts, key):
     """(the P x G rows, {"advantages": [P x G]}, the rollout's metrics)."""
     out = self.sample(model, records, prompts, key)

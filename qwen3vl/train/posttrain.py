@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3vl import distributed
-from qwen3vl.data.datasets import SampleBuilder, SkipSample
+from qwen3vl.data.datasets import SkipSample
 from qwen3vl.data.packing import to_model_inputs
 from qwen3vl.train import adapters, trainer
 from qwen3vl.train.metrics import MetricsWriter
@@ -38,11 +38,12 @@ def answer_logprobs(graphdef, params, batch) -> jax.Array:
 
 
 class Prompts:
-  """The records to answer, in a seeded order reshuffled every epoch, each with its prompt; a record that cannot
-  be one (too long, a bad image) is passed over. `position` (records taken) is the data state a checkpoint keeps."""
+  """The records to answer, in a seeded order reshuffled every epoch, each with its prompt (`prompt(record)`: a
+  method's, SampleBuilder.prompt or stricter); a record that cannot be one (too long, a bad image) is passed over.
+  `position` (records taken) is the data state a checkpoint keeps."""
 
-  def __init__(self, source, builder: SampleBuilder, seed: int, position: int = 0):
-    self.source, self.builder, self.seed, self.position = source, builder, seed, position
+  def __init__(self, source, prompt, seed: int, position: int = 0):
+    self.source, self.prompt, self.seed, self.position = source, prompt, seed, position
 
   def take(self, n: int) -> tuple[list[dict], list]:
     """(n records, their prompts)."""
@@ -53,7 +54,7 @@ class Prompts:
       self.position += 1
       try:
         record = self.source[int(order[i])]
-        prompts.append(self.builder.prompt(record))
+        prompts.append(self.prompt(record))
       except SkipSample:
         continue
       records.append(record)
@@ -91,7 +92,7 @@ def train(config, workdir: str) -> dict:
   # rows; its source serves the prompts unless the method reads its own (DPO's pairs file). Not iterated.
   loader, make_eval = trainer.make_loaders(config, run.tokenizer, cfg)
   method = method_class(config, loader.builder, mesh)  # rollouts decode sharded over the mesh's data axes
-  prompts = Prompts(method.source(loader.source), loader.builder, config.seed,
+  prompts = Prompts(method.source(loader.source), method.prompt, config.seed,
                     (run.data_state or {}).get("position", 0))
   # The reference: the starting weights (rebuilt, so a resumed run has the same reference).
   reference = (adapters.join(trainer.initial_params(config, cfg, trainer.source(config))[1], frozen)
