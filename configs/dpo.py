@@ -12,9 +12,6 @@ def get_config(arg: str = "tiny_moe"):
   c.rl.pairs = ml_collections.config_dict.placeholder(str)  # JSONL {image, prompt, chosen, rejected}
   c.rl.beta = 0.1  # scale of the log-ratio margin (the KL strength to the reference)
   c.data.batch_size = c.rl.get_ref("prompts") * 2  # a chosen and a rejected row per prompt
-  c.optim.lr = 1e-3 if tiny else 5e-7
-  c.optim.warmup_steps = 100 if tiny else 20
-  c.train.steps = 1500 if tiny else 1000
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  if not tiny:
+    c.optim.lr = 5e-7
   return c

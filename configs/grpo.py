@@ -15,9 +15,6 @@ def get_config(arg: str = "tiny_moe"):
   c.rl.clip_eps = 0.2
   c.rl.kl_coef = 0.0  # > 0: penalty on KL(policy || the starting weights), one more forward a step
   c.data.batch_size = c.rl.get_ref("prompts") * c.rl.get_ref("group")
-  c.optim.lr = 1e-3 if tiny else 1e-6
-  c.optim.warmup_steps = 100 if tiny else 20
-  c.train.steps = 1500 if tiny else 1000  # tiny: about 15 minutes on 2 CPU cores
-  c.train.eval_every = 100
-  c.train.checkpoint_every = 100
+  if not tiny:
+    c.optim.lr = 1e-6
   return c

@@ -12,30 +12,20 @@ weights (policy_losses.dpo_loss, `rl.beta`).
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
 from qwen3vl.data.datasets import JsonlSource, SampleBuilder, SkipSample
-from qwen3vl.data.packing import to_model_inputs
-from qwen3vl.train import rollout, trainer
-from qwen3vl.train.policy_losses import dpo_loss, sequence_logprobs, token_logprobs
+from qwen3vl.train import posttrain, rollout
+from qwen3vl.train.policy_losses import dpo_loss, sequence_logprobs
 
 
-def dpo_loss_fn(graphdef, params, batch, config):
-  """TrainStep's loss: DPO over the batch's (chosen, rejected) row pairs (+ the model's own
-  terms, trainer.model_losses)."""
-  model = nnx.merge(graphdef, params)
-  logits, extras = model.forward(to_model_inputs(batch))
+def dpo_objective(logits, logp, batch, config):
+  """DPO over the batch's (chosen, rejected) row pairs."""
+  del logits
   mask = batch["loss_mask"]
-  policy = sequence_logprobs(token_logprobs(logits, batch["targets"]), mask).reshape(-1, 2)
+  policy = sequence_logprobs(logp, mask).reshape(-1, 2)
   reference = sequence_logprobs(batch["ref_logp"], mask).reshape(-1, 2)
-  loss, metrics = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=config.rl.beta,
-                           weights=batch["pair_weight"].reshape(-1, 2)[:, 0])
-  metrics["objective"] = loss
-  own, model_metrics = trainer.model_losses(model, extras, batch, config)
-  metrics.update(model_metrics)
-  loss = loss + own
-  metrics["loss"] = loss
-  return loss, metrics
+  return dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=config.rl.beta,
+                  weights=batch["pair_weight"].reshape(-1, 2)[:, 0])
 
 
 class PairSource:
@@ -61,7 +51,8 @@ class PairSource:
 
 class DPO:
   """The DPO method of the post-training loop: rows are (chosen, rejected) pairs, each pair with its weight."""
-  loss_fn = staticmethod(dpo_loss_fn)
+  loss_fn = staticmethod(posttrain.loss_fn(dpo_objective))
+  needs_old_logp = False
   logged = {"objective": "dpo/loss", "reward_accuracy": "dpo/reward_accuracy", "margin": "dpo/margin"}
 
   @staticmethod

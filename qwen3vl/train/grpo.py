@@ -12,34 +12,23 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from qwen3vl.data.datasets import SampleBuilder
-from qwen3vl.data.packing import to_model_inputs
-from qwen3vl.train import rollout as rollout_lib, trainer
-from qwen3vl.train.policy_losses import answer_entropy, group_advantages, grpo_loss, token_logprobs
+from qwen3vl.train import posttrain, rollout as rollout_lib
+from qwen3vl.train.policy_losses import answer_entropy, group_advantages, grpo_loss
 
 
-def grpo_loss_fn(graphdef, params, batch, config):
-  """TrainStep's loss: the GRPO objective on the batch's answer tokens (+ the model's own terms,
-  trainer.model_losses)."""
-  model = nnx.merge(graphdef, params)
-  logits, extras = model.forward(to_model_inputs(batch))
-  logp = token_logprobs(logits, batch["targets"])
+def grpo_objective(logits, logp, batch, config):
+  """The GRPO objective on the batch's answer tokens, and the answers' entropy."""
   loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["loss_mask"],
                             clip_eps=config.rl.clip_eps, kl_coef=config.rl.kl_coef)
-  metrics["objective"] = loss
-  metrics["entropy"] = answer_entropy(logits, batch["loss_mask"])
-  own, model_metrics = trainer.model_losses(model, extras, batch, config)
-  metrics.update(model_metrics)
-  loss = loss + own
-  metrics["loss"] = loss
-  return loss, metrics
+  return loss, {**metrics, "entropy": answer_entropy(logits, batch["loss_mask"])}
 
 
 class GRPO:
   """The GRPO method of the post-training loop: rows are the sampled answers, each with its advantage."""
-  loss_fn = staticmethod(grpo_loss_fn)
+  loss_fn = staticmethod(posttrain.loss_fn(grpo_objective))
+  needs_old_logp = True
   # The loss's metrics logged (averaged over the step's updates), by their names in metrics.jsonl.
   logged = {"kl": "rl/kl", "clip_fraction": "rl/clip_fraction", "objective": "rl/objective", "entropy": "rl/entropy"}
 

@@ -5,9 +5,9 @@ One loop for both methods (train/grpo.py, train/dpo.py). Each step takes `rl.pro
 them into training rows (GRPO: `rl.group` answers sampled to each by the compiled `generate`, with their
 advantages; DPO: a chosen and a rejected answer to each, from the records or sampled and ranked by the rewards)
 and the loop makes `rl.updates` updates on those rows with the method's loss. The log-probs of the rows under the
-weights before the update (`old_logp`) and under the frozen starting weights (`ref_logp`, when the method needs a
-reference) are computed once per step. The update is train.py's TrainStep with the method's loss, so LoRA, meshes,
-remat and host offload work as in SFT.
+weights before the update (`old_logp`, GRPO) and under the frozen starting weights (`ref_logp`, when the method
+needs a reference) are computed once per step. The update is train.py's TrainStep with the method's loss, so LoRA,
+meshes, remat and host offload work as in SFT.
 
 Checkpoints hold the train state (its `rng` seeds every rollout: step i samples with fold_in(rng, i)) and the
 prompt position, so a resumed run samples what the uninterrupted one would have. Evaluation is SFT's
@@ -35,6 +35,19 @@ def answer_logprobs(graphdef, params, batch) -> jax.Array:
   """[B, L] log-probs of the batch's targets under the model with `params` (float32)."""
   logits, _ = nnx.merge(graphdef, params).forward(to_model_inputs(batch))
   return token_logprobs(logits, batch["targets"])
+
+
+def loss_fn(objective):
+  """TrainStep's loss from a method's `objective(logits, logp, batch, config) -> (loss, metrics)`, logp the
+  targets' log-probs: the model's forward, and its own terms (MoE balancing, MoD predictor; trainer.model_losses)
+  added to the objective."""
+  def loss(graphdef, params, batch, config):
+    model = nnx.merge(graphdef, params)
+    logits, extras = model.forward(to_model_inputs(batch))
+    value, metrics = objective(logits, token_logprobs(logits, batch["targets"]), batch, config)
+    own, model_metrics = trainer.model_losses(model, extras, batch, config)
+    return value + own, {**metrics, **model_metrics, "objective": value, "loss": value + own}
+  return loss
 
 
 class Prompts:
@@ -124,8 +137,8 @@ def train(config, workdir: str) -> dict:
       batch.update(per_row)
       batch = distributed.global_batch(batch, mesh, merge)
       with jax.set_mesh(mesh):
-        whole = adapters.join(state["params"], frozen)
-        batch["old_logp"] = logprobs(whole, batch)
+        if method.needs_old_logp:
+          batch["old_logp"] = logprobs(adapters.join(state["params"], frozen), batch)
         batch["ref_logp"] = logprobs(reference, batch) if reference is not None else batch["old_logp"]
       metrics = []
       for _ in range(r.updates):
